@@ -1,0 +1,332 @@
+"""Sharded TFRecord storage of preprocessed ECGs: schema, shard writer/reader and manifest.
+
+One `tf.train.Example` per record:
+
+| feature           | type        | content                                                          |
+| ----------------- | ----------- | ---------------------------------------------------------------- |
+| `signal`          | bytes       | float32 little-endian (12, num_samples), 500 Hz, offline-prepared |
+| `num_samples`     | int64       | samples per lead                                                 |
+| `record_id`       | bytes       | unique id of the record (file stem, or `stem/index` in HDF5)     |
+| `source`          | bytes       | path of the file it came from                                    |
+| `source_fs`       | float       | sampling rate of the source file in Hz                           |
+| `labels`          | float list  | multi-hot over the manifest's `label_names` (may be empty)       |
+| `age`             | float       | years, NaN when unknown                                          |
+| `sex`             | int64       | 0 female, 1 male, -1 unknown                                     |
+| `target_codebooks`| int64       | number of codebooks C of `targets` (0: no targets)               |
+| `target_frames`   | int64       | number of frames F of `targets` (0: no targets)                  |
+| `targets`         | bytes       | int32 little-endian (C, F): k-means unit per frame of the first 5 s |
+
+A directory of records holds `records-XXXXX-of-YYYYY.tfrecord` shard files and `manifest.json`
+(see `RecordsManifest`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import numpy as np
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = "hubert-ecg-jax/records"
+MANIFEST_VERSION = 1
+NUM_LEADS = 12
+SEX_FEMALE, SEX_MALE, SEX_UNKNOWN = 0, 1, -1
+
+
+@dataclasses.dataclass
+class StoredRecord:
+  """One preprocessed record as stored in a shard."""
+  record_id: str
+  source: str
+  signal: np.ndarray  # float32 (12, num_samples) at 500 Hz
+  labels: np.ndarray  # float32 (num_labels,)
+  source_fs: float
+  age: float = math.nan
+  sex: int = SEX_UNKNOWN
+  targets: np.ndarray | None = None  # int32 (codebooks, frames)
+
+  def __post_init__(self) -> None:
+    signal = np.asarray(self.signal)
+    if signal.ndim != 2 or signal.shape[0] != NUM_LEADS or signal.dtype != np.float32:
+      raise ValueError(f"record {self.record_id!r}: signal must be float32 ({NUM_LEADS}, n), "
+                       f"found {signal.dtype} {signal.shape}")
+    labels = np.asarray(self.labels)
+    if labels.ndim != 1:
+      raise ValueError(f"record {self.record_id!r}: labels must be 1-D, found shape {labels.shape}")
+    self.labels = labels.astype(np.float32)
+    if self.sex not in (SEX_FEMALE, SEX_MALE, SEX_UNKNOWN):
+      raise ValueError(f"record {self.record_id!r}: sex must be 0, 1 or -1, found {self.sex!r}")
+    if self.targets is not None:
+      targets = np.asarray(self.targets)
+      if targets.ndim != 2 or not np.issubdtype(targets.dtype, np.integer):
+        raise ValueError(f"record {self.record_id!r}: targets must be integer (codebooks, frames), "
+                         f"found {targets.dtype} {targets.shape}")
+      self.targets = targets.astype(np.int32)
+
+
+@dataclasses.dataclass
+class ShardInfo:
+  file: str
+  num_records: int
+
+
+@dataclasses.dataclass
+class RecordsManifest:
+  """What a records directory holds; written as `manifest.json` beside the shards."""
+  job: dict[str, Any]  # the settings that produced it; a rerun must match them to resume
+  label_names: list[str]
+  shards: list[ShardInfo]
+  num_records: int = 0
+  complete: bool = False
+  source_sampling_rates: dict[str, int] = dataclasses.field(default_factory=dict)  # Hz -> count
+  preprocessing: dict[str, Any] = dataclasses.field(default_factory=dict)
+  failures: list[dict[str, str]] = dataclasses.field(default_factory=list)  # {"path", "reason"}
+  target_codebooks: int = 0
+  target_frames: int = 0
+  targets_info: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+  @property
+  def num_labels(self) -> int:
+    return len(self.label_names)
+
+  def to_dict(self) -> dict[str, Any]:
+    out = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION}
+    out.update(dataclasses.asdict(self))
+    out["num_failed"] = len(self.failures)
+    return out
+
+  @classmethod
+  def from_dict(cls, data: Mapping[str, Any], where: str = "manifest") -> RecordsManifest:
+    if data.get("format") != MANIFEST_FORMAT or data.get("version") != MANIFEST_VERSION:
+      raise ValueError(f"{where}: expected format {MANIFEST_FORMAT!r} version {MANIFEST_VERSION}, "
+                       f"found {data.get('format')!r} version {data.get('version')!r}")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in data.items() if k in fields}
+    values["shards"] = [ShardInfo(**s) for s in data["shards"]]
+    return cls(**values)
+
+
+def shard_file_name(index: int, count: int) -> str:
+  return f"records-{index:05d}-of-{count:05d}.tfrecord"
+
+
+def _tf():
+  import tensorflow as tf
+  tf.config.set_visible_devices([], "GPU")
+  return tf
+
+
+def encode_example(record: StoredRecord) -> bytes:
+  """Serialises one record as a `tf.train.Example`."""
+  tf = _tf()
+  signal = np.ascontiguousarray(record.signal, dtype="<f4")
+  targets = (np.zeros((0, 0), "<i4") if record.targets is None
+             else np.ascontiguousarray(record.targets, dtype="<i4"))
+
+  def as_bytes(value: bytes) -> Any:
+    return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
+
+  def as_int(value: int) -> Any:
+    return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(value)]))
+
+  def as_floats(values: Iterable[float]) -> Any:
+    return tf.train.Feature(float_list=tf.train.FloatList(value=list(values)))
+
+  features = {
+      "signal": as_bytes(signal.tobytes()),
+      "num_samples": as_int(signal.shape[1]),
+      "record_id": as_bytes(record.record_id.encode()),
+      "source": as_bytes(record.source.encode()),
+      "source_fs": as_floats([record.source_fs]),
+      "labels": as_floats(record.labels.tolist()),
+      "age": as_floats([record.age]),
+      "sex": as_int(record.sex),
+      "target_codebooks": as_int(targets.shape[0]),
+      "target_frames": as_int(targets.shape[1]),
+      "targets": as_bytes(targets.tobytes()),
+  }
+  example = tf.train.Example(features=tf.train.Features(feature=features))
+  return example.SerializeToString()
+
+
+def decode_example(serialized: bytes) -> StoredRecord:
+  """Inverse of `encode_example`, in numpy."""
+  tf = _tf()
+  feature = tf.train.Example.FromString(serialized).features.feature
+  num_samples = feature["num_samples"].int64_list.value[0]
+  signal = np.frombuffer(feature["signal"].bytes_list.value[0], dtype="<f4")
+  codebooks = feature["target_codebooks"].int64_list.value[0]
+  frames = feature["target_frames"].int64_list.value[0]
+  targets = None
+  if codebooks:
+    targets = np.frombuffer(feature["targets"].bytes_list.value[0], "<i4").reshape(codebooks, frames)
+  return StoredRecord(
+      record_id=feature["record_id"].bytes_list.value[0].decode(),
+      source=feature["source"].bytes_list.value[0].decode(),
+      signal=signal.reshape(NUM_LEADS, num_samples).astype(np.float32),
+      labels=np.asarray(feature["labels"].float_list.value, np.float32),
+      source_fs=float(feature["source_fs"].float_list.value[0]),
+      age=float(feature["age"].float_list.value[0]),
+      sex=int(feature["sex"].int64_list.value[0]),
+      targets=targets)
+
+
+def parse_example(serialized: Any, num_labels: int, target_shape: tuple[int, int] | None = None
+                  ) -> dict[str, Any]:
+  """Parses one serialized example inside tf.data.
+
+  Returns tensors: signal float32 (12, n), num_samples int64, record_id string, source string,
+  source_fs, age float32, sex int64, labels float32 (num_labels,), and, when `target_shape`
+  (codebooks, frames) is given, targets int32 (codebooks, frames).
+  """
+  tf = _tf()
+  spec = {
+      "signal": tf.io.FixedLenFeature([], tf.string),
+      "num_samples": tf.io.FixedLenFeature([], tf.int64),
+      "record_id": tf.io.FixedLenFeature([], tf.string),
+      "source": tf.io.FixedLenFeature([], tf.string),
+      "source_fs": tf.io.FixedLenFeature([], tf.float32),
+      "labels": tf.io.FixedLenFeature([num_labels], tf.float32),
+      "age": tf.io.FixedLenFeature([], tf.float32),
+      "sex": tf.io.FixedLenFeature([], tf.int64),
+  }
+  if target_shape is not None:
+    spec["targets"] = tf.io.FixedLenFeature([], tf.string)
+  parsed = tf.io.parse_single_example(serialized, spec)
+  signal = tf.io.decode_raw(parsed["signal"], tf.float32, little_endian=True)
+  parsed["signal"] = tf.reshape(signal, [NUM_LEADS, -1])
+  if target_shape is not None:
+    targets = tf.io.decode_raw(parsed["targets"], tf.int32, little_endian=True)
+    parsed["targets"] = tf.reshape(targets, list(target_shape))
+  return parsed
+
+
+def write_shard(path: str | os.PathLike, serialized_records: Iterable[bytes]) -> int:
+  """Writes serialized examples to `path` atomically (temporary file, then rename); returns count."""
+  tf = _tf()
+  path = pathlib.Path(path)
+  temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+  count = 0
+  try:
+    with tf.io.TFRecordWriter(str(temporary)) as writer:
+      for serialized in serialized_records:
+        writer.write(serialized)
+        count += 1
+    os.replace(temporary, path)
+  finally:
+    if temporary.exists():
+      temporary.unlink()
+  return count
+
+
+def write_json_atomic(path: str | os.PathLike, data: Mapping[str, Any]) -> None:
+  path = pathlib.Path(path)
+  temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+  temporary.write_text(json.dumps(data, indent=1, sort_keys=False) + "\n")
+  os.replace(temporary, path)
+
+
+def write_manifest(directory: str | os.PathLike, manifest: RecordsManifest) -> None:
+  write_json_atomic(pathlib.Path(directory) / MANIFEST_NAME, manifest.to_dict())
+
+
+def read_manifest(directory: str | os.PathLike) -> RecordsManifest:
+  """Reads `manifest.json` of a records directory."""
+  path = pathlib.Path(directory) / MANIFEST_NAME
+  if not path.is_file():
+    raise FileNotFoundError(f"no {MANIFEST_NAME} in {directory}: expected a directory written by "
+                            "`hubert-ecg-jax preprocess`")
+  try:
+    data = json.loads(path.read_text())
+  except json.JSONDecodeError as error:
+    raise ValueError(f"{path}: not valid JSON ({error})") from error
+  return RecordsManifest.from_dict(data, where=str(path))
+
+
+def shard_paths(directory: str | os.PathLike, manifest: RecordsManifest | None = None
+                ) -> list[pathlib.Path]:
+  """Paths of the shard files of a complete records directory, in manifest order."""
+  manifest = manifest or read_manifest(directory)
+  if not manifest.complete:
+    raise ValueError(f"{directory} holds an unfinished preprocessing job: rerun "
+                     "`hubert-ecg-jax preprocess` with the same arguments to finish it")
+  paths = [pathlib.Path(directory) / shard.file for shard in manifest.shards]
+  missing = [str(p) for p in paths if not p.is_file()]
+  if missing:
+    raise FileNotFoundError(f"shard files listed in the manifest are missing: {missing[:3]}")
+  return paths
+
+
+def iterate_shard(path: str | os.PathLike) -> Iterator[bytes]:
+  """Serialized examples of one shard file, in order."""
+  tf = _tf()
+  yield from tf.data.TFRecordDataset(str(path)).as_numpy_iterator()
+
+
+def iterate_records(directory: str | os.PathLike) -> Iterator[StoredRecord]:
+  """Every record of a records directory, in shard order, as numpy (for feature dumping)."""
+  for path in shard_paths(directory):
+    for serialized in iterate_shard(path):
+      yield decode_example(serialized)
+
+
+TargetsSource = Mapping[str, np.ndarray] | Callable[[StoredRecord], np.ndarray]
+
+
+def rewrite_with_targets(src_dir: str | os.PathLike, dst_dir: str | os.PathLike,
+                         targets: TargetsSource, targets_info: Mapping[str, Any] | None = None,
+                         show_progress: bool = True) -> RecordsManifest:
+  """Copies a records directory, adding pretraining targets to every record.
+
+  `targets` maps record_id to int (codebooks, frames), or is called with each `StoredRecord`.
+  Every record must get targets of the same shape. Shards are written atomically, keeping the
+  source's shard layout; `targets_info` (e.g. which k-means model) is stored in the manifest.
+  """
+  from tqdm import tqdm
+
+  src_dir, dst_dir = pathlib.Path(src_dir), pathlib.Path(dst_dir)
+  if src_dir.resolve() == dst_dir.resolve():
+    raise ValueError(f"rewrite_with_targets needs a destination other than its source {src_dir}")
+  manifest = read_manifest(src_dir)
+  paths = shard_paths(src_dir, manifest)
+  dst_dir.mkdir(parents=True, exist_ok=True)
+  if (dst_dir / MANIFEST_NAME).exists():
+    raise FileExistsError(f"{dst_dir} already holds a records manifest; choose an empty directory")
+  lookup = targets if callable(targets) else None
+  shape: list[tuple[int, int]] = []
+  progress = tqdm(total=manifest.num_records, desc="adding targets", unit="ECG",
+                  disable=not show_progress)
+
+  def with_targets(path: pathlib.Path) -> Iterator[bytes]:
+    for serialized in iterate_shard(path):
+      record = decode_example(serialized)
+      if lookup is not None:
+        record_targets = lookup(record)
+      elif record.record_id in targets:
+        record_targets = targets[record.record_id]
+      else:
+        raise ValueError(f"no targets given for record {record.record_id!r} (from {record.source})")
+      record.targets = np.asarray(record_targets)
+      record.__post_init__()
+      if not shape:
+        shape.append(record.targets.shape)
+      elif record.targets.shape != shape[0]:
+        raise ValueError(f"record {record.record_id!r}: targets shape {record.targets.shape} differs "
+                         f"from the first record's {shape[0]}")
+      progress.update(1)
+      yield encode_example(record)
+
+  for path in paths:
+    write_shard(dst_dir / path.name, with_targets(path))
+  progress.close()
+  codebooks, frames = shape[0] if shape else (0, 0)
+  out = dataclasses.replace(manifest, target_codebooks=int(codebooks), target_frames=int(frames),
+                            targets_info=dict(targets_info or {}))
+  out.job = dict(manifest.job, targets_added_from=str(src_dir))
+  write_manifest(dst_dir, out)
+  return out
