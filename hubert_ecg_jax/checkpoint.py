@@ -1,0 +1,69 @@
+"""A finished model on disk: `config.json` + Orbax params (+ `metadata.json`), written atomically.
+
+This is the format `hubert-ecg-jax convert` writes and every command reads; training checkpoints
+(params + optimizer + data position) live in `hubert_ecg_jax.train.checkpointing`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+from typing import Any
+
+import jax
+import numpy as np
+
+from hubert_ecg_jax.config import HubertECGConfig
+
+CONFIG_FILE = "config.json"
+METADATA_FILE = "metadata.json"
+PARAMS_DIR = "params"
+
+
+def is_model_dir(path: str | pathlib.Path) -> bool:
+  path = pathlib.Path(path)
+  return (path / CONFIG_FILE).is_file() and (path / PARAMS_DIR).is_dir()
+
+
+def save_model(directory: str | pathlib.Path, config: HubertECGConfig, params: Any,
+               metadata: dict[str, Any] | None = None, overwrite: bool = False) -> pathlib.Path:
+  """Writes the model to `directory` atomically: a crash leaves either nothing or a complete model."""
+  from orbax.checkpoint import v1 as ocp
+
+  directory = pathlib.Path(directory).absolute()
+  if directory.exists() and not overwrite:
+    raise FileExistsError(f"{directory} already exists: choose another output or pass overwrite")
+  directory.parent.mkdir(parents=True, exist_ok=True)
+  if not os.access(directory.parent, os.W_OK):
+    raise PermissionError(f"cannot write into {directory.parent}: the folder is not writable")
+  staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+  try:
+    host_params = jax.tree_util.tree_map(lambda a: np.asarray(a, dtype=np.float32), params)
+    ocp.save_pytree(staging / PARAMS_DIR, host_params)
+    config.save_json(staging / CONFIG_FILE)
+    (staging / METADATA_FILE).write_text(json.dumps(metadata or {}, indent=2, default=str) + "\n")
+    if directory.exists():
+      shutil.rmtree(directory)
+    os.replace(staging, directory)
+  except BaseException:
+    shutil.rmtree(staging, ignore_errors=True)
+    raise
+  return directory
+
+
+def load_model(directory: str | pathlib.Path) -> tuple[HubertECGConfig, dict, dict[str, Any]]:
+  """Reads a model written by `save_model`: (config, params as numpy arrays, metadata)."""
+  from orbax.checkpoint import v1 as ocp
+
+  directory = pathlib.Path(directory)
+  if not is_model_dir(directory):
+    raise FileNotFoundError(f"{directory} is not a hubert-ecg-jax model directory: expected "
+                            f"{CONFIG_FILE} and a {PARAMS_DIR}/ folder in it")
+  config = HubertECGConfig.from_json(directory / CONFIG_FILE)
+  params = ocp.load_pytree(directory.absolute() / PARAMS_DIR)
+  params = jax.tree_util.tree_map(np.asarray, params)
+  metadata_path = directory / METADATA_FILE
+  metadata = json.loads(metadata_path.read_text()) if metadata_path.is_file() else {}
+  return config, params, metadata

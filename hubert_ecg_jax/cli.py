@@ -1,0 +1,47 @@
+"""The `hubert-ecg-jax` console command: one entry point, one module per subcommand.
+
+Each module in `hubert_ecg_jax.commands` exposes `register(subparsers)`, which adds its
+subparser and sets `func` to the function that runs it (called with the parsed namespace).
+Command modules import heavy dependencies (JAX, TensorFlow, torch) inside the function that
+runs them, so that `--help` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# (subcommand, module under hubert_ecg_jax.commands, one-line help)
+COMMANDS: tuple[tuple[str, str, str], ...] = (
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog="hubert-ecg-jax",
+      description="HuBERT-ECG in JAX/Flax: convert weights, prepare ECG data, pre-train, "
+      "fine-tune, evaluate, predict and embed.")
+  subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+  for name, module_name, _ in COMMANDS:
+    module = importlib.import_module(f"hubert_ecg_jax.commands.{module_name}")
+    module.register(subparsers)
+    assert name in subparsers.choices, f"{module_name}.register did not add {name!r}"
+  return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  if not getattr(args, "func", None):
+    parser.print_help()
+    return 2
+  try:
+    result = args.func(args)
+  except (ValueError, FileNotFoundError, FileExistsError, PermissionError) as error:
+    print(f"hubert-ecg-jax {args.command}: error: {error}", file=sys.stderr)
+    return 1
+  return int(result or 0)
+
+
+if __name__ == "__main__":
+  sys.exit(main())
