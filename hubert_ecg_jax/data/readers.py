@@ -84,8 +84,10 @@ def read_wfdb(header_path: Path, fs: float | None = None,
     header = wfdb.rdheader(record_name)
   except Exception as error:  # wfdb raises TypeError/ValueError/IndexError on bad headers
     raise ValueError(f"{header_path}: malformed WFDB header ({type(error).__name__}: {error})") from error
-  if not header.n_sig or not header.file_name:
-    raise ValueError(f"{header_path}: the header describes no signals")
+  described = len(header.file_name or [])
+  if not header.n_sig or described != header.n_sig:
+    raise ValueError(
+        f"{header_path}: malformed WFDB header: it declares {header.n_sig} signals and describes {described}")
   _check_wfdb_files(header, header_path.parent, header_path)
   try:
     record = wfdb.rdrecord(record_name, physical=True)
