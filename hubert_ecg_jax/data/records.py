@@ -115,15 +115,23 @@ def shard_file_name(index: int, count: int) -> str:
   return f"records-{index:05d}-of-{count:05d}.tfrecord"
 
 
-def _tf():
+_tensorflow_configured = False
+
+
+def import_tensorflow() -> Any:
+  """TensorFlow, kept off accelerators (it only reads and parses data here; JAX owns them)."""
+  global _tensorflow_configured
   import tensorflow as tf
-  tf.config.set_visible_devices([], "GPU")
+  if not _tensorflow_configured:
+    if tf.config.list_physical_devices("GPU"):
+      tf.config.set_visible_devices([], "GPU")
+    _tensorflow_configured = True
   return tf
 
 
 def encode_example(record: StoredRecord) -> bytes:
   """Serialises one record as a `tf.train.Example`."""
-  tf = _tf()
+  tf = import_tensorflow()
   signal = np.ascontiguousarray(record.signal, dtype="<f4")
   targets = (np.zeros((0, 0), "<i4") if record.targets is None
              else np.ascontiguousarray(record.targets, dtype="<i4"))
@@ -156,7 +164,7 @@ def encode_example(record: StoredRecord) -> bytes:
 
 def decode_example(serialized: bytes) -> StoredRecord:
   """Inverse of `encode_example`, in numpy."""
-  tf = _tf()
+  tf = import_tensorflow()
   feature = tf.train.Example.FromString(serialized).features.feature
   num_samples = feature["num_samples"].int64_list.value[0]
   signal = np.frombuffer(feature["signal"].bytes_list.value[0], dtype="<f4")
@@ -184,7 +192,7 @@ def parse_example(serialized: Any, num_labels: int, target_shape: tuple[int, int
   source_fs, age float32, sex int64, labels float32 (num_labels,), and, when `target_shape`
   (codebooks, frames) is given, targets int32 (codebooks, frames).
   """
-  tf = _tf()
+  tf = import_tensorflow()
   spec = {
       "signal": tf.io.FixedLenFeature([], tf.string),
       "num_samples": tf.io.FixedLenFeature([], tf.int64),
@@ -208,7 +216,7 @@ def parse_example(serialized: Any, num_labels: int, target_shape: tuple[int, int
 
 def write_shard(path: str | os.PathLike, serialized_records: Iterable[bytes]) -> int:
   """Writes serialized examples to `path` atomically (temporary file, then rename); returns count."""
-  tf = _tf()
+  tf = import_tensorflow()
   path = pathlib.Path(path)
   temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
   count = 0
@@ -264,7 +272,7 @@ def shard_paths(directory: str | os.PathLike, manifest: RecordsManifest | None =
 
 def iterate_shard(path: str | os.PathLike) -> Iterator[bytes]:
   """Serialized examples of one shard file, in order."""
-  tf = _tf()
+  tf = import_tensorflow()
   yield from tf.data.TFRecordDataset(str(path)).as_numpy_iterator()
 
 
@@ -273,6 +281,45 @@ def iterate_records(directory: str | os.PathLike) -> Iterator[StoredRecord]:
   for path in shard_paths(directory):
     for serialized in iterate_shard(path):
       yield decode_example(serialized)
+
+
+def write_records(directory: str | os.PathLike, records: Iterable[StoredRecord],
+                  label_names: Iterable[str], num_shards: int = 1,
+                  job: Mapping[str, Any] | None = None) -> RecordsManifest:
+  """Writes in-memory records (e.g. synthetic ones) as a complete records directory.
+
+  Records go to shards in contiguous blocks, in the order given; all must have the same number of
+  labels as `label_names` and, if any has targets, all must have targets of one shape.
+  """
+  directory = pathlib.Path(directory)
+  records = list(records)
+  label_names = [str(name) for name in label_names]
+  if num_shards < 1 or num_shards > max(len(records), 1):
+    raise ValueError(f"num_shards must be in 1..{max(len(records), 1)}, found {num_shards}")
+  bad = [r.record_id for r in records if r.labels.shape != (len(label_names),)]
+  if bad:
+    raise ValueError(f"records {bad[:3]} do not have {len(label_names)} labels")
+  target_shapes = {None if r.targets is None else r.targets.shape for r in records}
+  if len(target_shapes) > 1:
+    raise ValueError(f"records must all have targets of one shape or none, found {target_shapes}")
+  codebooks, frames = next(iter(target_shapes), None) or (0, 0)
+  directory.mkdir(parents=True, exist_ok=True)
+  if (directory / MANIFEST_NAME).exists():
+    raise FileExistsError(f"{directory} already holds a records manifest; choose an empty directory")
+  shards, rates = [], {}
+  bounds = [len(records) * i // num_shards for i in range(num_shards + 1)]
+  for index in range(num_shards):
+    block = records[bounds[index]:bounds[index + 1]]
+    name = shard_file_name(index, num_shards)
+    shards.append(ShardInfo(name, write_shard(directory / name, map(encode_example, block))))
+    for record in block:
+      rates[f"{record.source_fs:g}"] = rates.get(f"{record.source_fs:g}", 0) + 1
+  manifest = RecordsManifest(
+      job=dict(job or {"written_by": "records.write_records"}), label_names=label_names,
+      shards=shards, num_records=len(records), complete=True, source_sampling_rates=rates,
+      target_codebooks=int(codebooks), target_frames=int(frames))
+  write_manifest(directory, manifest)
+  return manifest
 
 
 TargetsSource = Mapping[str, np.ndarray] | Callable[[StoredRecord], np.ndarray]

@@ -1,0 +1,319 @@
+"""Streaming tf.data input pipeline over a records directory (see `records`), for training and evaluation.
+
+Training, per host: each epoch `e` shuffles the host's shard files, interleaves them, takes a 5-s
+lead-aligned window of each record (uniform random offset, or the first 5 s), shuffles windows in a
+buffer, and batches (dropping the remainder); epochs follow one another forever. Everything random is
+seeded from (`seed`, `e`, element index), so the same seed gives the same batches, and the iterator
+state (`BatchIterator.save` / `restore`) resumes exactly. Each batch then goes through the online
+stage (`preprocess.model_inputs`: NaN fill, lead-major flatten, `decimate(x, 5)`, attention mask) in
+parallel numpy calls inside tf.data; for pre-training, span masks are sampled there too with
+`masking.sample_span_mask`, from a numpy generator seeded by (`seed`, host, batch index).
+
+Hosts: with at least as many shard files as hosts, host i reads files i, i+n, ...; otherwise every
+host reads every file and keeps records i, i+n, ... of the (identically ordered) stream. Each host
+sees its part of every record exactly once per epoch.
+
+Evaluation: one pass in file order, the first 5 s of each record, or `eval_crops` windows per record
+("tta": evenly spaced offsets as `preprocess.crop_offsets`; "random": seeded random offsets), batches
+of at most `batch_size` (the last may be smaller).
+
+Batches are dicts of numpy arrays: x float32 (B, 6000), attention_mask int32 (B, 6000), labels float32
+(B, L), record_id str (B,), crop_offset int32 (B,) (500-Hz sample where the window starts), in
+evaluation crop_index int32 (B,), and with targets: targets int32 (B, C, 93) and, in training,
+mask_time_indices bool (B, 93).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from hubert_ecg_jax.config import HubertECGConfig
+from hubert_ecg_jax.data import records as records_lib
+from hubert_ecg_jax.data.preprocess import MODEL_INPUT_LENGTH, WINDOW_SAMPLES, model_inputs
+from hubert_ecg_jax.masking import sample_span_mask
+
+_EPOCH_SEED_STRIDE = 1_000_003
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+  """Settings of the input pipeline (one host's view)."""
+  batch_size: int
+  seed: int = 0
+  train_crop: str = "random"  # "random": uniform aligned 5-s window; "first": the first 5 s
+  eval_crop: str = "first"  # "first", "tta" (evenly spaced) or "random" (seeded) windows
+  eval_crops: int = 1  # windows per record for "tta" and "random"
+  with_targets: bool = False  # pre-training: yield targets (and masks in training)
+  mask_prob: float = 0.33
+  mask_span: int = 1
+  min_masks: int = 2
+  honour_padding: bool = True  # no masks on padding frames (False: as the original)
+  shuffle_buffer: int = 256  # windows
+  cycle_length: int = 8  # shard files read at once
+  parallel_batches: int = 2  # online-stage calls in flight
+  prefetch_batches: int = 2
+  threads: int | None = None  # tf.data threads (None: TensorFlow's default, all cores)
+  process_index: int | None = None  # None: jax.process_index()
+  process_count: int | None = None  # None: jax.process_count()
+  model_config: HubertECGConfig = dataclasses.field(default_factory=HubertECGConfig)
+
+  def __post_init__(self) -> None:
+    problems = []
+    if self.batch_size < 1:
+      problems.append(f"batch_size must be at least 1, found {self.batch_size}")
+    if self.train_crop not in ("random", "first"):
+      problems.append(f"train_crop must be 'random' or 'first', found {self.train_crop!r}")
+    if self.eval_crop not in ("first", "tta", "random"):
+      problems.append(f"eval_crop must be 'first', 'tta' or 'random', found {self.eval_crop!r}")
+    if self.eval_crops < 1 or (self.eval_crop == "first" and self.eval_crops != 1):
+      problems.append(f"eval_crops must be 1 for 'first' and at least 1 otherwise, found {self.eval_crops}")
+    if self.with_targets and (self.train_crop != "first" or self.eval_crop != "first"):
+      problems.append("targets belong to the first 5 s of a record: with_targets needs train_crop "
+                      f"and eval_crop 'first', found {self.train_crop!r} and {self.eval_crop!r}")
+    for name in ("shuffle_buffer", "cycle_length", "parallel_batches", "prefetch_batches"):
+      if getattr(self, name) < 1:
+        problems.append(f"{name} must be at least 1, found {getattr(self, name)}")
+    if problems:
+      raise ValueError("bad PipelineConfig: " + "; ".join(problems))
+
+  def hosts(self) -> tuple[int, int]:
+    """(process_index, process_count), from JAX where not given."""
+    index, count = self.process_index, self.process_count
+    if index is None or count is None:
+      import jax
+      index = jax.process_index() if index is None else index
+      count = jax.process_count() if count is None else count
+    if not 0 <= index < count:
+      raise ValueError(f"process_index must be in 0..{count - 1}, found {index}")
+    return index, count
+
+  def resolved(self) -> PipelineConfig:
+    """This config with the host index and count filled in."""
+    index, count = self.hosts()
+    return dataclasses.replace(self, process_index=index, process_count=count)
+
+  @property
+  def num_frames(self) -> int:
+    return self.model_config.num_frames(MODEL_INPUT_LENGTH)
+
+
+class BatchIterator(Iterator[dict[str, np.ndarray]]):
+  """Iterates a pipeline's batches as numpy dicts; its position can be saved and restored."""
+
+  def __init__(self, dataset: Any):
+    self.dataset = dataset
+    self._iterator = iter(dataset)
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    element = next(self._iterator)
+    batch = {key: value.numpy() for key, value in element.items()}
+    batch["record_id"] = np.array([value.decode() for value in batch["record_id"]])
+    return batch
+
+  def save(self, path: str | os.PathLike) -> str:
+    """Writes the iterator state (a TF checkpoint with prefix `path`); returns the written prefix."""
+    tf = records_lib.import_tensorflow()
+    return tf.train.Checkpoint(iterator=self._iterator).write(str(path))
+
+  def restore(self, path: str | os.PathLike) -> None:
+    """Moves this iterator to the state saved at `path` (from an iterator over the same pipeline)."""
+    tf = records_lib.import_tensorflow()
+    if not tf.io.gfile.exists(f"{path}.index"):
+      raise FileNotFoundError(f"no iterator state at {path} (expected {path}.index)")
+    tf.train.Checkpoint(iterator=self._iterator).read(str(path)).assert_consumed()
+
+
+def save_iterator_state(iterator: BatchIterator, path: str | os.PathLike) -> str:
+  return iterator.save(path)
+
+
+def restore_iterator_state(iterator: BatchIterator, path: str | os.PathLike) -> None:
+  iterator.restore(path)
+
+
+def _host_files(directory: str | os.PathLike, config: PipelineConfig
+                ) -> tuple[records_lib.RecordsManifest, list[str], bool]:
+  """The manifest, this host's shard files, and whether records (not files) are split between hosts."""
+  manifest = records_lib.read_manifest(directory)
+  paths = [str(p) for p in records_lib.shard_paths(directory, manifest)]
+  if config.with_targets:
+    if not manifest.target_codebooks:
+      raise ValueError(f"records in {directory} have no pre-training targets; add them with "
+                       "records.rewrite_with_targets (the k-means dump does this)")
+    if manifest.target_frames != config.num_frames:
+      raise ValueError(f"targets in {directory} have {manifest.target_frames} frames per record; "
+                       f"the model makes {config.num_frames} of a 5-s input")
+  index, count = config.hosts()
+  if len(paths) >= count:
+    return manifest, paths[index::count], False
+  return manifest, paths, True
+
+
+def _options(config: PipelineConfig) -> Any:
+  tf = records_lib.import_tensorflow()
+  options = tf.data.Options()
+  options.deterministic = True
+  # The online stage is a pure numpy function; its "state" need not be saved with the iterator.
+  options.experimental_external_state_policy = tf.data.experimental.ExternalStatePolicy.IGNORE
+  if config.threads:
+    options.threading.private_threadpool_size = config.threads
+    options.threading.max_intra_op_parallelism = 1
+  return options
+
+
+def _crop(tf: Any, signal: Any, offsets: Any) -> Any:
+  """signal (12, n), offsets (k,) -> windows (k, 12, 2500), zero-padded at the end when n < 2500."""
+  short = tf.maximum(WINDOW_SAMPLES - tf.shape(signal)[1], 0)
+  signal = tf.pad(signal, [[0, 0], [0, short]])
+  index = offsets[:, None] + tf.range(WINDOW_SAMPLES)[None, :]  # (k, 2500)
+  windows = tf.transpose(tf.gather(signal, index, axis=1), [1, 0, 2])
+  return tf.ensure_shape(windows, [None, records_lib.NUM_LEADS, WINDOW_SAMPLES])
+
+
+def _crop_offsets(tf: Any, num_samples: Any, mode: str, count: int, seed: Any) -> Any:
+  """(count,) int32 offsets of 5-s windows; the TensorFlow twin of `preprocess.crop_offsets`."""
+  last = tf.maximum(tf.cast(num_samples, tf.int32) - WINDOW_SAMPLES, 0)
+  if mode == "first":
+    return tf.zeros([count], tf.int32)
+  if mode == "random":
+    return tf.random.stateless_uniform([count], seed=seed, minval=0, maxval=last + 1, dtype=tf.int32)
+  spaced = tf.linspace(tf.constant(0.0, tf.float64), tf.cast(last, tf.float64), count)
+  return tf.cast(tf.round(spaced), tf.int32)
+
+
+def _record_stream(tf: Any, paths: list[str], config: PipelineConfig, split_records: bool,
+                   file_seed: Any | None) -> Any:
+  """Serialized examples of this host's part of one pass over the files."""
+  files = tf.data.Dataset.from_tensor_slices(paths)
+  if file_seed is not None:
+    files = files.shuffle(len(paths), seed=file_seed)
+  stream = files.interleave(tf.data.TFRecordDataset, cycle_length=min(config.cycle_length, len(paths)),
+                            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  if split_records:
+    index, count = config.hosts()
+    stream = stream.shard(count, index)
+  return stream
+
+
+def _element(parsed: dict[str, Any], windows: Any, offsets: Any) -> dict[str, Any]:
+  element = {"windows": windows, "labels": parsed["labels"], "record_id": parsed["record_id"],
+             "crop_offset": offsets}
+  if "targets" in parsed:
+    element["targets"] = parsed["targets"]
+  return element
+
+
+def train_windows_dataset(directory: str | os.PathLike, config: PipelineConfig) -> Any:
+  """Endless batches of training windows before the online stage: windows float32 (B, 12, 2500)."""
+  tf = records_lib.import_tensorflow()
+  config = config.resolved()
+  manifest, paths, split_records = _host_files(directory, config)
+  index, count = config.hosts()
+  target_shape = (manifest.target_codebooks, manifest.target_frames) if config.with_targets else None
+
+  def epoch(epoch_index: Any) -> Any:
+    epoch_seed = tf.constant(config.seed, tf.int64) * _EPOCH_SEED_STRIDE + epoch_index
+    stream = _record_stream(tf, paths, config, split_records, epoch_seed).enumerate()
+
+    def window(position: Any, serialized: Any) -> dict[str, Any]:
+      parsed = records_lib.parse_example(serialized, manifest.num_labels, target_shape)
+      crop_seed = tf.stack([epoch_seed, position * count + index])
+      offsets = _crop_offsets(tf, parsed["num_samples"], config.train_crop, 1, crop_seed)
+      return _element(parsed, _crop(tf, parsed["signal"], offsets)[0], offsets[0])
+
+    windows = stream.map(window, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return windows.shuffle(config.shuffle_buffer, seed=epoch_seed)
+
+  dataset = tf.data.Dataset.range(np.iinfo(np.int64).max).flat_map(epoch)
+  return dataset.batch(config.batch_size, drop_remainder=True).with_options(_options(config))
+
+
+def eval_windows_dataset(directory: str | os.PathLike, config: PipelineConfig) -> Any:
+  """One pass of evaluation windows, batched, before the online stage (last batch may be short)."""
+  tf = records_lib.import_tensorflow()
+  config = config.resolved()
+  manifest, paths, split_records = _host_files(directory, config)
+  index, count = config.hosts()
+  target_shape = (manifest.target_codebooks, manifest.target_frames) if config.with_targets else None
+  stream = _record_stream(tf, paths, config, split_records, None).enumerate()
+
+  def windows(position: Any, serialized: Any) -> Any:
+    parsed = records_lib.parse_example(serialized, manifest.num_labels, target_shape)
+    crop_seed = tf.stack([tf.constant(config.seed, tf.int64), position * count + index])
+    offsets = _crop_offsets(tf, parsed["num_samples"], config.eval_crop, config.eval_crops, crop_seed)
+    element = _element(parsed, _crop(tf, parsed["signal"], offsets), offsets)
+    for key in ("labels", "record_id", "targets"):
+      if key in element:
+        element[key] = tf.repeat(element[key][None], config.eval_crops, axis=0)
+    element["crop_index"] = tf.range(config.eval_crops, dtype=tf.int32)
+    return tf.data.Dataset.from_tensor_slices(element)
+
+  dataset = stream.flat_map(windows).batch(config.batch_size)
+  return dataset.with_options(_options(config))
+
+
+def online_stage(windows: np.ndarray, step: int, config: PipelineConfig, with_masks: bool
+                 ) -> tuple[np.ndarray, ...]:
+  """Host numpy stage of one batch: (B, 12, 2500) -> x (B, 6000), attention mask, [span masks (B, 93)].
+
+  Span masks come from a generator seeded by (seed, host, step), so a resumed run draws the same ones.
+  """
+  x, attention_mask = model_inputs(windows)
+  if not with_masks:
+    return x, attention_mask
+  index, _ = config.hosts()
+  frames = config.num_frames
+  lengths = np.array([config.model_config.num_frames(n) for n in attention_mask.sum(axis=-1)])
+  frame_mask = np.arange(frames)[None, :] < lengths[:, None]  # (B, frames), right padding as the model
+  rng = np.random.default_rng([config.seed, index, int(step)])
+  masks = sample_span_mask(rng, x.shape[0], frames, mask_prob=config.mask_prob, span=config.mask_span,
+                           min_masks=config.min_masks, frame_mask=frame_mask,
+                           honour_padding=config.honour_padding)
+  return x, attention_mask, masks
+
+
+def _with_online_stage(windows_dataset: Any, config: PipelineConfig, with_masks: bool) -> Any:
+  tf = records_lib.import_tensorflow()
+  frames = config.num_frames
+  out_types = [tf.float32, tf.int32] + ([tf.bool] if with_masks else [])
+
+  def apply(step: Any, element: dict[str, Any]) -> dict[str, Any]:
+    outputs = tf.numpy_function(lambda w, s: online_stage(w, s, config, with_masks),
+                                [element.pop("windows"), step], out_types, stateful=False)
+    batch = tf.shape(element["record_id"])[0]
+    element["x"] = tf.reshape(outputs[0], [batch, MODEL_INPUT_LENGTH])
+    element["attention_mask"] = tf.reshape(outputs[1], [batch, MODEL_INPUT_LENGTH])
+    if with_masks:
+      element["mask_time_indices"] = tf.reshape(outputs[2], [batch, frames])
+    return element
+
+  dataset = windows_dataset.enumerate().map(apply, num_parallel_calls=config.parallel_batches,
+                                            deterministic=True)
+  return dataset.prefetch(config.prefetch_batches).with_options(_options(config))
+
+
+def train_dataset(directory: str | os.PathLike, config: PipelineConfig) -> Any:
+  """The endless training tf.data.Dataset of batch dicts (see the module docstring)."""
+  config = config.resolved()
+  return _with_online_stage(train_windows_dataset(directory, config), config, config.with_targets)
+
+
+def eval_dataset(directory: str | os.PathLike, config: PipelineConfig) -> Any:
+  """One evaluation pass as a tf.data.Dataset of batch dicts (see the module docstring)."""
+  config = config.resolved()
+  return _with_online_stage(eval_windows_dataset(directory, config), config, False)
+
+
+def make_train_iterator(directory: str | os.PathLike, config: PipelineConfig) -> BatchIterator:
+  """Endless training batches of this host, as numpy dicts."""
+  return BatchIterator(train_dataset(pathlib.Path(directory), config))
+
+
+def make_eval_iterator(directory: str | os.PathLike, config: PipelineConfig) -> BatchIterator:
+  """One evaluation pass over this host's records, as numpy dicts."""
+  return BatchIterator(eval_dataset(pathlib.Path(directory), config))
