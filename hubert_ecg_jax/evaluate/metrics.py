@@ -364,13 +364,15 @@ def regression_metrics(y_true: Any, y_pred: Any,
     raise ValueError("y_true and y_pred must be finite, found NaN or infinite values")
   y_true, y_pred = y_true.reshape(len(y_true), -1), y_pred.reshape(len(y_pred), -1)
   names = label_names_or_default(target_names, y_true.shape[1])
+  constant = np.ptp(y_true, axis=0) == 0  # R2 divides by the target's variance
   per_target = {
       "mse": skm.mean_squared_error(y_true, y_pred, multioutput="raw_values"),
       "mae": skm.mean_absolute_error(y_true, y_pred, multioutput="raw_values"),
-      "r2": skm.r2_score(y_true, y_pred, multioutput="raw_values", force_finite=False),
+      "r2": np.full(y_true.shape[1], np.nan),
   }
-  constant = np.ptp(y_true, axis=0) == 0
-  per_target["r2"][constant] = np.nan
+  if not constant.all():
+    per_target["r2"][~constant] = skm.r2_score(y_true[:, ~constant], y_pred[:, ~constant],
+                                               multioutput="raw_values")
   r2_defined = per_target["r2"][~constant]
   return RegressionMetrics(
       target_names=names, n_records=len(y_true), mse=float(per_target["mse"].mean()),
