@@ -57,7 +57,7 @@ def _apply_rules(key: str, rules) -> FlaxPath | None:
     if match:
       groups = match.groups()
       pt_leaf = groups[-1] if groups else ""
-      parent = template.rsplit("/", 1)[0]
+      parent = template.rsplit("/", 1)[0].format(*groups)
       path = template.format(*groups, w=_flax_leaf_name(pt_leaf, parent))
       return tuple(path.split("/"))
   return None
@@ -105,12 +105,13 @@ def state_dict_to_flax(state_dict: Mapping[str, Any]) -> tuple[dict, dict]:
   return backbone, classifier
 
 
-def flax_to_state_dict(params: Mapping[str, Any], weight_norm: str = "parametrizations"
-                       ) -> dict[str, np.ndarray]:
+def flax_to_state_dict(params: Mapping[str, Any], weight_norm: str = "parametrizations",
+                       backbone_prefix: str = "") -> dict[str, np.ndarray]:
   """Flax params -> PyTorch state dict (float32 numpy arrays).
 
-  `params` is a HubertECG tree, or a classifier's {"hubert_ecg": ..., "classifier": ...} tree whose
-  backbone keys get the `hubert_ecg.` prefix of the original's fine-tuned checkpoints.
+  `params` is a HubertECG tree, or a classifier's {"hubert_ecg": ..., "classifier": ...} tree; its
+  backbone keys get `backbone_prefix` (the original's fine-tuned checkpoints use `hubert_ecg.`; the
+  default, none, is what `transformers.HubertModel` loads).
   """
   if weight_norm not in ("parametrizations", "weight_g"):
     raise ValueError(f"weight_norm must be 'parametrizations' or 'weight_g', found {weight_norm!r}")
@@ -118,8 +119,8 @@ def flax_to_state_dict(params: Mapping[str, Any], weight_norm: str = "parametriz
   out = {}
   for path, value in _flatten(params).items():
     if path[0] == "hubert_ecg":
-      key, rules = BACKBONE_PREFIX + _pt_key(path[1:]), _RULES
-      check = key[len(BACKBONE_PREFIX):]
+      check = _pt_key(path[1:])
+      key, rules = backbone_prefix + check, _RULES
     else:
       key = check = _pt_key(path, mlp_head)
       rules = _RULES + _CLASSIFIER_RULES

@@ -1,0 +1,79 @@
+"""The PyTorch reference: `transformers.HubertModel` plus HuBERT-ECG's heads, with random weights.
+
+Written from the published facts (reference §1): `final_proj.{i}` Linear(H, P), `label_embedding.{i}`
+Embedding(V_i, P), logits = cosine_similarity(projection, embedding) / 0.1. Every parameter is
+randomised, norms and weight-norm magnitudes included, so that no parameter sits at its default.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import transformers
+
+from hubert_ecg_jax.config import HubertECGConfig
+
+
+class TorchHubertECG(torch.nn.Module):
+  def __init__(self, config: HubertECGConfig):
+    super().__init__()
+    hf = transformers.HubertConfig(**config.to_hf_dict())
+    hf._attn_implementation = "eager"
+    self.hubert = transformers.HubertModel(hf)
+    self.final_proj = torch.nn.ModuleList(
+        [torch.nn.Linear(config.hidden_size, config.classifier_proj_size)
+         for _ in range(config.ensemble_length)])
+    self.label_embedding = torch.nn.ModuleList(
+        [torch.nn.Embedding(v, config.classifier_proj_size) for v in config.vocab_sizes])
+
+  def state_dict_like_original(self) -> dict[str, torch.Tensor]:
+    """Keys as the original's HuBERTECG (a HubertModel subclass): no `hubert.` prefix."""
+    out = {}
+    for key, value in self.state_dict().items():
+      out[key[len("hubert."):] if key.startswith("hubert.") else key] = value
+    return out
+
+  @torch.no_grad()
+  def forward_all(self, x: np.ndarray, attention_mask: np.ndarray | None = None):
+    self.eval()
+    mask = None if attention_mask is None else torch.from_numpy(attention_mask).long()
+    out = self.hubert(torch.from_numpy(x), attention_mask=mask, output_hidden_states=True)
+    last = out.last_hidden_state
+    logits = []
+    for i, embedding in enumerate(self.label_embedding):
+      projection = self.final_proj[min(i, len(self.final_proj) - 1)](last)
+      logits.append(torch.cosine_similarity(projection.unsqueeze(2),
+                                            embedding.weight[None, None], dim=-1) / 0.1)
+    return [h.numpy() for h in out.hidden_states], [l.numpy() for l in logits]
+
+
+def randomise_(module: torch.nn.Module, seed: int) -> None:
+  generator = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, param in module.named_parameters():
+      noise = torch.randn(param.shape, generator=generator)
+      if "norm" in name and name.endswith("weight"):
+        param.copy_(1.0 + 0.2 * noise)
+      elif name.endswith("bias"):
+        param.copy_(0.1 * noise)
+      elif name.endswith(("original0", "weight_g")):
+        param.copy_(0.5 + noise.abs())
+      elif "masked_spec_embed" in name or "label_embedding" in name:
+        param.copy_(noise)
+      else:
+        fan_in = int(np.prod(param.shape[1:])) if param.ndim > 1 else param.shape[0]
+        param.copy_(noise / np.sqrt(fan_in))
+
+
+def make_reference(config: HubertECGConfig, seed: int = 0) -> TorchHubertECG:
+  torch.manual_seed(seed)
+  model = TorchHubertECG(config)
+  randomise_(model, seed)
+  return model.eval()
+
+
+def ecg_like_batch(batch: int, length: int = 6000, seed: int = 0) -> np.ndarray:
+  """Smooth random signals in [-1, 1], like min-max scaled ECGs."""
+  rng = np.random.default_rng(seed)
+  raw = np.cumsum(rng.normal(size=(batch, length)), axis=1)
+  raw -= raw.min(axis=1, keepdims=True)
+  return (2 * raw / raw.max(axis=1, keepdims=True) - 1).astype(np.float32)
