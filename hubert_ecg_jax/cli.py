@@ -13,6 +13,9 @@ import sys
 
 # (subcommand, module under hubert_ecg_jax.commands, one-line help)
 COMMANDS: tuple[tuple[str, str, str], ...] = (
+    ("convert", "convert", "import PyTorch HuBERT-ECG weights as an Orbax model directory"),
+    ("export", "export", "export a model to a Hugging Face directory"),
+    ("preprocess", "preprocess", "prepare ECG records into sharded TFRecord files (resumable)"),
 )
 
 
