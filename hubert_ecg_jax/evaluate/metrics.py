@@ -186,7 +186,7 @@ def fmax_score(y_true: Any, y_score: Any) -> FmaxResult:
   count in precision only. NaN (with threshold NaN) if no record has a true label.
   """
   y_true, y_score = check_multilabel(y_true, y_score)
-  n_records, n_labels = y_true.shape
+  n_labels = y_true.shape[1]
   true_per_record = y_true.sum(axis=1)  # (records,)
   n_with_labels = int((true_per_record > 0).sum())
   if n_with_labels == 0:
