@@ -1,7 +1,9 @@
 """k-means in JAX against scikit-learn's KMeans and numpy references."""
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import json
 
 import jax.numpy as jnp
 import numpy as np
@@ -180,3 +182,36 @@ def test_bad_input_is_rejected(blobs):
   model = KMeansModel(blobs[:5], True, np.ones(5, np.int64), 1.0, (1.0,), dataclasses.replace(CONFIG, k=5))
   with pytest.raises(ValueError, match=r"\(\.\.\., 32\)"):
     model.predict(np.zeros((4, 31), np.float32))
+
+
+def test_cluster_command_writes_models_sweep_and_summary(tmp_path, blobs, capsys):
+  from hubert_ecg_jax import cli
+  from hubert_ecg_jax.commands import cluster
+
+  assert ("cluster", "cluster") in [entry[:2] for entry in cli.COMMANDS]
+  features = tmp_path / "features"
+  (features / "part").mkdir(parents=True)
+  np.save(features / "a.npy", blobs[:2000])
+  np.save(features / "part" / "b.npy", blobs[2000:4790].reshape(30, 93, 32))  # per-record frames
+  parser = argparse.ArgumentParser()
+  cluster.register(parser.add_subparsers())
+  out = tmp_path / "out"
+  argv = ["cluster", "--features", str(features), "--out", str(out), "--k", "20", "--sweep", "10,20",
+          "--batch-size", "1024", "--block-rows", "4096", "--seed", "1"]
+  args = parser.parse_args(argv)
+  assert args.func(args) == 0
+  assert "drop vs previous K" in capsys.readouterr().out
+  summary = json.loads((out / "summary.json").read_text())
+  assert (summary["vectors"], summary["dim"], summary["k"]) == (4790, 32, 20)
+  assert summary["config"]["normalize"] is True and set(summary["sweep_sse"]) == {"10", "20"}
+  model = KMeansModel.load(out / summary["model"])
+  assert model.inertia == summary["sweep_sse"]["20"] == summary["inertia"]
+  assert model.predict(blobs[:4790]).shape == (4790,)
+  assert (out / "elbow.png").exists() and (out / "kmeans_k10.npz").exists()
+  assert len((out / "sweep.txt").read_text().splitlines()) == 3
+  with pytest.raises(FileExistsError, match="--overwrite"):
+    args.func(parser.parse_args(argv))
+  (tmp_path / "empty").mkdir()
+  for path, message in ((tmp_path / "empty", "no .npy"), (tmp_path / "missing", "neither")):
+    with pytest.raises(FileNotFoundError, match=message):
+      args.func(parser.parse_args(["cluster", "--features", str(path), "--out", str(tmp_path / "o")]))
