@@ -1,0 +1,132 @@
+"""TFDS builders on small trees: a fake PTB-XL written with wfdb.wrsamp from the real CinC records
+(read from the manual dir and downloaded from a local archive), and the generic folder builder."""
+from __future__ import annotations
+
+import hashlib
+import zipfile
+
+import numpy as np
+import pytest
+import wfdb
+
+tfds = pytest.importorskip("tensorflow_datasets")
+
+from hubert_ecg_jax.data.preprocess import STANDARD_LEADS, prepare_record  # noqa: E402
+from hubert_ecg_jax.data.readers import find_records, read_record  # noqa: E402
+from hubert_ecg_jax.data.tfds_ptbxl import PtbXl, verify_sha256sums  # noqa: E402
+
+FOLDS = [1, 2, 3, 4, 5, 6, 7, 8, 9, 9, 10, 10]
+SCP_CODES = [
+    {"NORM": 100.0, "SR": 0.0}, {"IMI": 80.0, "SR": 0.0}, {"AMI": 100.0, "PVC": 100.0, "SR": 0.0},
+    {"NDT": 100.0, "AFIB": 0.0}, {"NORM": 100.0, "SR": 0.0}, {"IMI": 50.0, "AMI": 50.0, "SR": 0.0},
+    {"NORM": 80.0, "AFIB": 0.0}, {"PVC": 100.0, "SR": 0.0}, {"IMI": 100.0, "NDT": 100.0, "SR": 0.0},
+    {"NORM": 100.0, "SR": 0.0}, {"AMI": 15.0, "AFIB": 0.0}, {"NORM": 100.0, "SR": 0.0},
+]
+STATEMENTS = (
+    ",description,diagnostic,form,rhythm,diagnostic_class,diagnostic_subclass\n"
+    "NORM,normal ECG,1.0,,,NORM,NORM\n"
+    "IMI,inferior myocardial infarction,1.0,,,MI,IMI\n"
+    "AMI,anterior myocardial infarction,1.0,,,MI,AMI\n"
+    "NDT,non-diagnostic T abnormalities,1.0,1.0,,STTC,STTC\n"
+    "PVC,ventricular premature complex,,1.0,,,\n"
+    "SR,sinus rhythm,,,1.0,,\n"
+    "AFIB,atrial fibrillation,,,1.0,,\n")
+
+
+@pytest.fixture(scope="module")
+def fake_ptbxl(tmp_path_factory, sample_data_dir):
+  """A 12-record PTB-XL tree (records500/00000/000NN_hr) with SHA256SUMS.txt, and its ZIP archive."""
+  base = tmp_path_factory.mktemp("ptbxl")
+  root = base / "ptb-xl-fake-1.0.3"
+  (root / "records500" / "00000").mkdir(parents=True)
+  rows = ["ecg_id,patient_id,age,sex,scp_codes,strat_fold,filename_lr,filename_hr"]
+  for index, header in enumerate(find_records(sample_data_dir)[:12]):
+    ecg_id = index + 1
+    record = read_record(header)
+    name = f"{ecg_id:05d}_hr"
+    wfdb.wrsamp(name, fs=500, units=["mV"] * 12, sig_name=list(STANDARD_LEADS),
+                p_signal=record.signal.T.astype(np.float64), fmt=["16"] * 12, adc_gain=[1000.0] * 12,
+                baseline=[0] * 12, write_dir=str(root / "records500" / "00000"))
+    age = "" if ecg_id == 5 else f"{40 + ecg_id}.0"
+    codes = str(SCP_CODES[index]).replace('"', "'")
+    rows.append(f'{ecg_id},{100 + ecg_id},{age},{ecg_id % 2},"{codes}",{FOLDS[index]},'
+                f"records100/00000/{ecg_id:05d}_lr,records500/00000/{name}")
+  (root / "ptbxl_database.csv").write_text("\n".join(rows) + "\n")
+  (root / "scp_statements.csv").write_text(STATEMENTS)
+  files = sorted(path for path in root.rglob("*") if path.is_file())
+  (root / "SHA256SUMS.txt").write_text("".join(
+      f"{hashlib.sha256(path.read_bytes()).hexdigest()} {path.relative_to(root).as_posix()}\n" for path in files))
+  archive = base / "ptb-xl-fake-1.0.3.zip"
+  with zipfile.ZipFile(archive, "w") as handle:
+    for path in sorted(root.rglob("*")):
+      handle.write(path, path.relative_to(base).as_posix())
+  return root, archive
+
+
+def _download_config(**kwargs):
+  return tfds.download.DownloadConfig(try_download_gcs=False, **kwargs)
+
+
+def _as_numpy(builder, split):
+  return list(tfds.as_numpy(builder.as_dataset(split=split)))
+
+
+def test_ptbxl_from_manual_dir(fake_ptbxl, tmp_path):
+  root, _ = fake_ptbxl
+  builder = PtbXl(config="superdiag", data_dir=tmp_path / "data")
+  builder.download_and_prepare(download_config=_download_config(manual_dir=root.parent))
+  assert {name: split.num_examples for name, split in builder.info.splits.items()} == {
+      "train": 8, "validation": 2, "test": 2}
+  names = builder.info.features["label_ids"].feature.names
+  assert names == ["MI", "NORM", "STTC"] and builder.info.metadata["label_names"] == names
+  examples = {int(example["ecg_id"]): example for example in _as_numpy(builder, "train")}
+  assert sorted(examples) == [1, 2, 3, 4, 5, 6, 7, 8]
+  np.testing.assert_array_equal(examples[4]["labels"], [0, 0, 1])  # NDT -> STTC
+  np.testing.assert_array_equal(examples[6]["labels"], [1, 0, 0])  # IMI + AMI -> MI
+  np.testing.assert_array_equal(examples[8]["labels"], [0, 0, 0])  # PVC only: no diagnostic class
+  assert list(examples[1]["label_ids"]) == [1]
+  assert examples[3]["strat_fold"] == 3 and examples[3]["sex"] == 1 and examples[3]["age"] == 43.0
+  assert np.isnan(examples[5]["age"])
+  expected = prepare_record(*(lambda r: (r.signal, r.fs, r.lead_names))(
+      read_record(root / "records500" / "00000" / "00002_hr.hea")))
+  assert examples[2]["signal"].shape == (12, 5000)
+  np.testing.assert_array_equal(examples[2]["signal"], expected)
+  test_ids = sorted(int(example["ecg_id"]) for example in _as_numpy(builder, "test"))
+  assert test_ids == [11, 12]
+
+
+def test_ptbxl_downloads_and_verifies_a_local_archive(fake_ptbxl, tmp_path, monkeypatch):
+  _, archive = fake_ptbxl
+  monkeypatch.setattr(PtbXl, "ARCHIVE_URL", str(archive))
+  builder = PtbXl(config="rhythm", data_dir=tmp_path / "data")
+  builder.download_and_prepare(download_dir=tmp_path / "downloads", download_config=_download_config())
+  assert builder.info.features["label_ids"].feature.names == ["AFIB", "SR"]
+  validation = {int(example["ecg_id"]): example["labels"] for example in _as_numpy(builder, "validation")}
+  assert sorted(validation) == [9, 10]
+  np.testing.assert_array_equal(validation[9], [0, 1])
+
+
+def test_sha256_verification_names_corrupt_and_missing_files(fake_ptbxl, tmp_path):
+  root, _ = fake_ptbxl
+  assert verify_sha256sums(root) == 26  # 12 x (.hea + .dat) + 2 CSVs
+  copy = tmp_path / "copy"
+  for path in root.rglob("*"):
+    if path.is_file():
+      target = copy / path.relative_to(root)
+      target.parent.mkdir(parents=True, exist_ok=True)
+      target.write_bytes(path.read_bytes())
+  (copy / "scp_statements.csv").write_text(STATEMENTS.replace("sinus rhythm", "sinus  rhythm"))
+  with pytest.raises(ValueError, match=r"corrupt: SHA-256 of scp_statements.csv is [0-9a-f]{64}, SHA256SUMS.txt says"):
+    verify_sha256sums(copy)
+  (copy / "scp_statements.csv").write_text(STATEMENTS)
+  (copy / "records500" / "00000" / "00007_hr.dat").unlink()
+  with pytest.raises(ValueError, match=r"incomplete: records500/00000/00007_hr.dat is listed .* but missing"):
+    verify_sha256sums(copy)
+
+
+def test_ptbxl_refuses_a_folder_without_ptbxl(tmp_path):
+  (tmp_path / "manual").mkdir()
+  (tmp_path / "manual" / "readme.txt").write_text("not PTB-XL")
+  builder = PtbXl(config="all", data_dir=tmp_path / "data")
+  with pytest.raises(FileNotFoundError, match=r"no PTB-XL tree in .*manual: expected a folder holding"):
+    builder.download_and_prepare(download_config=_download_config(manual_dir=tmp_path / "manual"))
