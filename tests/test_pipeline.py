@@ -1,0 +1,195 @@
+"""Streaming pipeline: determinism, exact resume, host split, aligned crops, targets and masks."""
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+import numpy as np
+import pytest
+
+from hubert_ecg_jax.data import pipeline as P
+from hubert_ecg_jax.data import records as R
+from hubert_ecg_jax.data.preprocess import crop_offsets, crop_window, model_inputs
+
+NUM_RECORDS = 23
+LENGTHS = [2500, 5000, 1800, 7321, 4999, 2501, 12000]  # includes one shorter than a window
+
+
+def _records(targets: bool) -> list[R.StoredRecord]:
+  rng = np.random.default_rng(0)
+  out = []
+  for i in range(NUM_RECORDS):
+    n = LENGTHS[i % len(LENGTHS)]
+    t = np.arange(n) / 500.0
+    signal = (np.sin(2 * np.pi * (1 + i % 5) * t)[None, :] * rng.uniform(0.2, 1, (12, 1))
+              + 0.05 * rng.standard_normal((12, n))).astype(np.float32)
+    out.append(R.StoredRecord(
+        record_id=f"r{i:02d}", source=f"r{i:02d}.hea", signal=signal,
+        labels=np.eye(4, dtype=np.float32)[i % 4], source_fs=500.0,
+        targets=rng.integers(0, 100, (2, 93)).astype(np.int32) if targets else None))
+  return out
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+  root = tmp_path_factory.mktemp("pipeline")
+  R.write_records(root / "five", _records(True), list("abcd"), num_shards=5)
+  R.write_records(root / "one", _records(False), list("abcd"), num_shards=1)
+  return root, {r.record_id: r for r in _records(True)}
+
+
+def _config(**changes) -> P.PipelineConfig:
+  values = dict(batch_size=4, seed=7, shuffle_buffer=8, process_index=0, process_count=1)
+  values.update(changes)
+  return P.PipelineConfig(**values)
+
+
+def _take(iterator, n):
+  return [next(iterator) for _ in range(n)]
+
+
+def _assert_batches_equal(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    assert x.keys() == y.keys()
+    for key in x:
+      np.testing.assert_array_equal(x[key], y[key], err_msg=key)
+
+
+def test_same_seed_same_batches_other_seed_other_batches(data):
+  root, _ = data
+  first = _take(P.make_train_iterator(root / "five", _config()), 8)
+  again = _take(P.make_train_iterator(root / "five", _config()), 8)
+  _assert_batches_equal(first, again)
+  other = _take(P.make_train_iterator(root / "five", _config(seed=8)), 8)
+  assert any((a["record_id"] != b["record_id"]).any() or (a["crop_offset"] != b["crop_offset"]).any()
+             for a, b in zip(first, other))
+
+
+@pytest.mark.parametrize("with_targets", [False, True])
+def test_restore_mid_epoch_continues_exactly(data, tmp_path, with_targets):
+  root, _ = data
+  config = _config(with_targets=with_targets, train_crop="first" if with_targets else "random")
+  uninterrupted = P.make_train_iterator(root / "five", config)
+  _take(uninterrupted, 3)  # 12 of 23 windows: mid-epoch, with a partly full shuffle buffer
+  prefix = P.save_iterator_state(uninterrupted, tmp_path / "state")
+  expected = _take(uninterrupted, 6)  # crosses into the next epoch
+  resumed = P.make_train_iterator(root / "five", config)
+  P.restore_iterator_state(resumed, prefix)
+  _assert_batches_equal(_take(resumed, 6), expected)
+  with pytest.raises(FileNotFoundError, match="no iterator state"):
+    resumed.restore(tmp_path / "absent")
+
+
+def _host_epoch(directory, host, hosts, num_records):
+  """Record ids of the first training epoch of one host (batch size 1: nothing dropped)."""
+  iterator = P.make_train_iterator(directory, _config(batch_size=1, process_index=host,
+                                                      process_count=hosts))
+  return [str(next(iterator)["record_id"][0]) for _ in range(num_records)]
+
+
+@pytest.mark.parametrize("shards", ["five", "one"])  # file split, and record split (fewer files)
+def test_two_hosts_see_every_record_once_per_epoch(data, shards):
+  root, records = data
+  manifest = R.read_manifest(root / shards)
+  counts = [s.num_records for s in manifest.shards]
+  per_host = [sum(counts[0::2]), sum(counts[1::2])] if shards == "five" else [12, 11]
+  seen = []
+  for host in (0, 1):
+    epoch = _host_epoch(root / shards, host, 2, per_host[host])
+    assert len(set(epoch)) == len(epoch)  # no repeats within a host's epoch
+    seen += epoch
+  assert collections.Counter(seen) == collections.Counter(list(records))
+  evaluated = []
+  for host in (0, 1):
+    iterator = P.make_eval_iterator(root / shards, _config(process_index=host, process_count=2))
+    evaluated += [str(i) for batch in iterator for i in batch["record_id"]]
+  assert collections.Counter(evaluated) == collections.Counter(list(records))
+
+
+def _expected_inputs(records, batch):
+  windows = np.stack([crop_window(records[i].signal, int(o))
+                      for i, o in zip(batch["record_id"], batch["crop_offset"])])
+  return model_inputs(windows)
+
+
+def test_training_crops_are_aligned_random_windows(data):
+  root, records = data
+  iterator = P.make_train_iterator(root / "five", _config())
+  offsets = collections.defaultdict(set)
+  for batch in _take(iterator, 12):
+    assert batch["x"].shape == (4, 6000) and batch["x"].dtype == np.float32
+    assert batch["attention_mask"].shape == (4, 6000) and batch["attention_mask"].dtype == np.int32
+    assert batch["labels"].shape == (4, 4) and "mask_time_indices" not in batch
+    x, mask = _expected_inputs(records, batch)
+    np.testing.assert_allclose(batch["x"], x, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(batch["attention_mask"], mask)
+    for record_id, offset, labels in zip(batch["record_id"], batch["crop_offset"], batch["labels"]):
+      n = records[record_id].signal.shape[1]
+      assert 0 <= offset <= max(n - 2500, 0)
+      np.testing.assert_array_equal(labels, records[record_id].labels)
+      offsets[n].add(int(offset))
+  assert offsets[1800] == {0} and len(offsets[12000]) > 1  # short records: offset 0, padded
+  short = [b for b in _take(iterator, 12) if "r02" in b["record_id"]][0]
+  row = list(short["record_id"]).index("r02")
+  assert short["attention_mask"][row].reshape(12, 500)[:, 360:].sum() == 0
+
+
+@pytest.mark.parametrize("mode", ["first", "tta", "random"])
+def test_eval_crops_are_time_aligned(data, mode):
+  root, records = data
+  crops = 1 if mode == "first" else 3
+  config = _config(batch_size=5, eval_crop=mode, eval_crops=crops)
+  batches = list(P.make_eval_iterator(root / "five", config))
+  assert [len(b["record_id"]) for b in batches] == [5] * 13 + [4] if crops == 3 else [5] * 4 + [3]
+  seen = collections.defaultdict(list)
+  for batch in batches:
+    x, mask = _expected_inputs(records, batch)  # one offset for all 12 leads of a window
+    np.testing.assert_allclose(batch["x"], x, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(batch["attention_mask"], mask)
+    for record_id, index, offset in zip(batch["record_id"], batch["crop_index"], batch["crop_offset"]):
+      seen[record_id].append((int(index), int(offset)))
+  assert sorted(seen) == sorted(records)
+  for record_id, pairs in seen.items():
+    n = records[record_id].signal.shape[1]
+    assert [i for i, _ in pairs] == list(range(crops))
+    offsets = [o for _, o in pairs]
+    if mode == "random":
+      assert all(0 <= o <= max(n - 2500, 0) for o in offsets)
+    else:
+      np.testing.assert_array_equal(offsets, crop_offsets(n, mode, n_crops=crops))
+  again = list(P.make_eval_iterator(root / "five", config))
+  _assert_batches_equal(batches, again)
+
+
+def test_pretraining_batches_carry_targets_and_masks(data):
+  root, records = data
+  config = _config(batch_size=6, with_targets=True, train_crop="first")
+  batch = next(P.make_train_iterator(root / "five", config))
+  assert batch["targets"].shape == (6, 2, 93) and batch["targets"].dtype == np.int32
+  assert batch["mask_time_indices"].shape == (6, 93) and batch["mask_time_indices"].dtype == np.bool_
+  assert (batch["crop_offset"] == 0).all()
+  for record_id, targets, masks, attention in zip(batch["record_id"], batch["targets"],
+                                                  batch["mask_time_indices"], batch["attention_mask"]):
+    np.testing.assert_array_equal(targets, records[record_id].targets)
+    if attention.all():
+      assert masks.sum() in (30, 31)
+    else:  # a padded record: no masks on padding frames
+      valid = config.model_config.num_frames(int(attention.sum()))
+      assert not masks[valid:].any()
+  evaluation = next(P.make_eval_iterator(root / "five", dataclasses.replace(config, batch_size=3)))
+  assert evaluation["targets"].shape == (3, 2, 93) and "mask_time_indices" not in evaluation
+
+
+def test_bad_configurations_are_refused(data):
+  root, _ = data
+  with pytest.raises(ValueError, match="no pre-training targets"):
+    P.make_train_iterator(root / "one", _config(with_targets=True, train_crop="first"))
+  with pytest.raises(ValueError, match="with_targets needs train_crop"):
+    _config(with_targets=True)
+  with pytest.raises(ValueError, match="eval_crops must be 1 for 'first'"):
+    _config(eval_crops=2)
+  with pytest.raises(ValueError, match="process_index must be in 0..1"):
+    P.make_eval_iterator(root / "one", _config(process_index=2, process_count=2))
+  with pytest.raises(FileNotFoundError, match="no manifest.json"):
+    P.make_eval_iterator(root, _config())
