@@ -1,0 +1,156 @@
+"""Training checkpoints with Orbax (v1 `training.Checkpointer`): state + data position, atomic.
+
+A checkpoint is one step directory holding two checkpointables: `state` (the `TrainState`,
+replicated arrays) and `data` (the input iterator's position, one file set per process). Orbax
+writes to a temporary directory and renames it when complete, so a crash never leaves a half
+checkpoint. Kept: the last `keep_last` checkpoints and the `keep_best` ones with the lowest
+validation loss. Restoring goes into abstract arrays built for the *current* devices, so a run
+saved on 8 devices resumes on 1 and the other way round.
+"""
+from __future__ import annotations
+
+import pathlib
+import shutil
+import tempfile
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Sharding
+
+from hubert_ecg_jax.checkpoint import save_model
+from hubert_ecg_jax.config import HubertECGConfig
+
+STATE = "state"
+DATA = "data"
+BEST_METRIC = "val_loss"
+
+
+class DataPosition:
+  """The input iterator's position, saved and restored with a checkpoint.
+
+  Wraps either an object with `save(path)` / `restore(path)` methods or a `(save, restore)` pair
+  of callables; `path` is a file prefix (what `tf.train.Checkpoint(iterator=it).write/read`
+  take). Each process saves its own position. Implements Orbax's `StatefulCheckpointable`.
+  """
+
+  def __init__(self, source: Any):
+    if isinstance(source, tuple) and len(source) == 2 and all(map(callable, source)):
+      self._save, self._restore = source
+    elif callable(getattr(source, "save", None)) and callable(getattr(source, "restore", None)):
+      self._save, self._restore = source.save, source.restore
+    else:
+      raise ValueError("the data position must be an object with save(path) and restore(path) "
+                       f"methods or a (save, restore) pair of callables, found {type(source).__name__}")
+
+  @staticmethod
+  def _name() -> str:
+    return f"process_{jax.process_index()}"
+
+  async def save(self, directory: Any) -> Any:
+    # Capture the position now (the iterator moves on once this returns), write it out later.
+    staging = pathlib.Path(tempfile.mkdtemp(prefix="data-position-"))
+    self._save(str(staging / "position"))
+
+    async def finish() -> None:
+      target = pathlib.Path(await directory.await_creation()) / self._name()
+      shutil.move(str(staging), str(target))
+
+    return finish()
+
+  async def load(self, directory: Any) -> Any:
+    path = pathlib.Path(directory) / self._name() / "position"
+
+    async def finish() -> None:
+      if not path.parent.is_dir():
+        raise FileNotFoundError(f"no data position for process {jax.process_index()} in "
+                                f"{directory}: was the run saved with fewer processes?")
+      self._restore(str(path))
+
+    return finish()
+
+
+def abstract_like(tree: Any, sharding: Sharding) -> Any:
+  """Shape/dtype skeleton of `tree` with every array placed by `sharding` (the restore target)."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding), tree)
+
+
+class CheckpointManager:
+  """Periodic checkpoints of a training run under `directory`, keep-last-N plus best-by-val-loss."""
+
+  def __init__(self, directory: str | pathlib.Path, keep_last: int = 3, keep_best: int = 1):
+    from orbax.checkpoint import v1 as ocp
+
+    if keep_last < 1:
+      raise ValueError(f"keep_last must be >= 1 (the latest checkpoint is needed to resume), "
+                       f"got {keep_last}")
+    if keep_best < 0:
+      raise ValueError(f"keep_best must be >= 0, got {keep_best}")
+    policies = ocp.training.preservation_policies
+    keep = [policies.LatestN(keep_last)]
+    if keep_best:
+      keep.append(policies.BestN(get_metric_fn=lambda metrics: metrics[BEST_METRIC], reverse=True,
+                                 n=keep_best, keep_checkpoints_without_metrics=False))
+    self.directory = pathlib.Path(directory).absolute()
+    self._checkpointer = ocp.training.Checkpointer(
+        self.directory, preservation_policy=policies.AnyPreservationPolicy(keep))
+
+  @property
+  def steps(self) -> list[int]:
+    """Steps of the checkpoints on disk, ascending."""
+    return [checkpoint.step for checkpoint in self._checkpointer.checkpoints]
+
+  @property
+  def latest_step(self) -> int | None:
+    latest = self._checkpointer.latest
+    return None if latest is None else latest.step
+
+  @property
+  def best_step(self) -> int | None:
+    """The kept checkpoint with the lowest validation loss, if any was saved with one."""
+    scored = [(c.metrics[BEST_METRIC], c.step) for c in self._checkpointer.checkpoints
+              if c.metrics and BEST_METRIC in c.metrics]
+    return min(scored)[1] if scored else None
+
+  def save(self, step: int, state: Any, data_position: DataPosition | None = None,
+           val_loss: float | None = None) -> bool:
+    """Saves `state` (replicated arrays) and the data position at `step`; False if already saved."""
+    if step in self.steps:
+      return False
+    items = {STATE: state}
+    if data_position is not None:
+      items[DATA] = data_position
+    metrics = None if val_loss is None else {BEST_METRIC: float(val_loss)}
+    return self._checkpointer.save_checkpointables(step, items, metrics=metrics, force=True)
+
+  def restore(self, abstract_state: Any, data_position: DataPosition | None = None,
+              step: int | None = None) -> Any:
+    """The state at `step` (default: latest) placed as `abstract_state` says; the data position
+    is restored into `data_position` when given."""
+    items = {STATE: abstract_state}
+    if data_position is not None:
+      items[DATA] = data_position
+    restored = self._checkpointer.load_checkpointables(step, items)
+    return restored[STATE]
+
+  def close(self) -> None:
+    self._checkpointer.close()
+
+
+def host_copy(tree: Any) -> Any:
+  """Replicated arrays as numpy, from this process's first copy (works on every host)."""
+  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
+
+
+def export_model(directory: str | pathlib.Path, config: HubertECGConfig, params: Any,
+                 metadata: dict[str, Any] | None = None) -> pathlib.Path | None:
+  """Writes the params as a finished model (`checkpoint.save_model`) for fine-tuning.
+
+  Every process takes part in gathering; only process 0 writes. Returns the directory on
+  process 0 and None elsewhere.
+  """
+  host_params = host_copy(params)
+  if jax.process_index() != 0:
+    return None
+  return save_model(directory, config, host_params, metadata=metadata, overwrite=True)
+

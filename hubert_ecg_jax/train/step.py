@@ -1,0 +1,139 @@
+"""One per-device masked-prediction train step and an eval step, both with named-axis collectives.
+
+The functions here see one device's share of the global batch and talk to the other devices
+only through `lax.psum` over the `"data"` axis; `launchers.py` runs them under `jax.pmap` or
+`jax.jit(jax.shard_map(...))`. The loss is normalised by the frame counts of the whole global
+batch, so gradients summed over micro-batches and devices are exactly the gradients of one big
+batch (the mean over its selected frames, as the original), whatever the split.
+
+A batch is a dict of arrays (global shapes; each device gets batch / devices rows):
+  x (batch, samples) float32, attention_mask (batch, samples) int32,
+  targets (batch, codebooks, frames) int32, mask_time_indices (batch, frames) bool.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+from hubert_ecg_jax.model import HubertECG, frame_mask_from_attention_mask
+from hubert_ecg_jax.objectives import (Sums, prediction_sums, pretraining_loss,
+                                       pretraining_metrics)
+from hubert_ecg_jax.train.state import TrainState
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+AXIS = "data"
+
+
+def _frame_mask(model: HubertECG, batch: Batch) -> jax.Array:
+  frames = batch["mask_time_indices"].shape[-1]
+  return frame_mask_from_attention_mask(model.config, batch["attention_mask"], frames)  # (b, frames)
+
+
+def _forward_sums(model: HubertECG, params: Any, batch: Batch, mask_time_indices: jax.Array,
+                  deterministic: bool, rng: jax.Array | None) -> Sums:
+  """Encoder, cosine logits and the objective's sums for one (micro-)batch."""
+  out = model.apply({"params": params}, batch["x"], attention_mask=batch["attention_mask"],
+                    mask_time_indices=mask_time_indices, deterministic=deterministic,
+                    rngs=None if rng is None else {"dropout": rng})
+  logits = model.apply({"params": params}, out.last_hidden_state, method=HubertECG.logits)
+  return prediction_sums(logits, batch["targets"], mask_time_indices, out.frame_mask)
+
+
+def make_train_step(model: HubertECG, optimizer: optax.GradientTransformation, alpha: float = 1.0,
+                    micro_batches: int = 1, learning_rate: optax.Schedule | None = None,
+                    axis_name: str = AXIS) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+  """The per-device train step: `(state, local batch) -> (state, metrics)`.
+
+  Args:
+    model: the HuBERT-ECG module (its config sets dropout, layerdrop and the compute dtype).
+    optimizer: the optax transformation whose state is `state.opt_state`.
+    alpha: weight of the masked-frame loss; 1 - alpha weighs the unmasked frames.
+    micro_batches: split each device's batch into this many pieces, run them one after another
+      (`lax.scan`) and apply one update with the summed gradients.
+    learning_rate: the schedule, to report the rate of this update in the metrics.
+    axis_name: the device axis to sum over.
+
+  A step whose loss or gradients are not all finite keeps params and optimizer state, increments
+  `nonfinite_streak` and `skipped_steps`; a finite step resets the streak. `step` always advances.
+  """
+
+  def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+    local_batch = batch["x"].shape[0]
+    if local_batch % micro_batches:
+      raise ValueError(f"the per-device batch of {local_batch} does not split into {micro_batches} "
+                       "micro-batches: make batch size / devices a multiple of micro_batches")
+    frame_mask = _frame_mask(model, batch)
+    masked = batch["mask_time_indices"]
+    # Frame counts of the whole global batch: every piece's loss is divided by them.
+    masked_frames = lax.psum((masked & frame_mask).sum().astype(jnp.float32), axis_name)
+    unmasked_frames = lax.psum((~masked & frame_mask).sum().astype(jnp.float32), axis_name)
+    # Dropout differs per step and per device; micro-batches fold in their index below.
+    step_key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step),
+                                  lax.axis_index(axis_name))
+
+    def loss_fn(params: Any, piece: Batch, key: jax.Array) -> tuple[jax.Array, Sums]:
+      sums = _forward_sums(model, params, piece, piece["mask_time_indices"], False, key)
+      return pretraining_loss(sums, masked_frames, unmasked_frames, alpha), sums
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if micro_batches == 1:
+      (_, sums), grads = grad_fn(state.params, batch, step_key)
+    else:
+      pieces = jax.tree.map(
+          lambda a: a.reshape(micro_batches, local_batch // micro_batches, *a.shape[1:]), batch)
+
+      def accumulate(carry: tuple[Any, Sums], inputs: tuple[jax.Array, Batch]):
+        grads_sum, sums_sum = carry
+        index, piece = inputs
+        (_, sums), grads = grad_fn(state.params, piece, jax.random.fold_in(step_key, index))
+        return (jax.tree.map(jnp.add, grads_sum, grads), jax.tree.map(jnp.add, sums_sum, sums)), None
+
+      zero_sums = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+          lambda: grad_fn(state.params, jax.tree.map(lambda a: a[0], pieces), step_key)[0][1]))
+      zero_grads = jax.tree.map(jnp.zeros_like, state.params)
+      (grads, sums), _ = lax.scan(accumulate, (zero_grads, zero_sums),
+                                  (jnp.arange(micro_batches), pieces))
+    grads = lax.psum(grads, axis_name)
+    sums = lax.psum(sums, axis_name)
+
+    metrics = pretraining_metrics(sums, alpha)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+    updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    keep_new = lambda new, old: jnp.where(finite, new, old)
+    metrics.update(grad_norm=grad_norm, param_norm=optax.global_norm(state.params),
+                   update_norm=optax.global_norm(updates), finite=finite.astype(jnp.float32))
+    if learning_rate is not None:
+      # Skipped steps applied no update: the schedule has advanced by the others only.
+      metrics["learning_rate"] = learning_rate(state.step - state.skipped_steps)
+    streak = jnp.where(finite, 0, state.nonfinite_streak + 1)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=jax.tree.map(keep_new, new_params, state.params),
+        opt_state=jax.tree.map(keep_new, new_opt_state, state.opt_state),
+        nonfinite_streak=streak.astype(jnp.int32),
+        skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32))
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(model: HubertECG, axis_name: str = AXIS) -> Callable[[Any, Batch], Sums]:
+  """The per-device validation step: `(params, local batch) -> sums` over the global batch.
+
+  No masking and no dropout; the sums of several batches add up, and
+  `objectives.validation_metrics` turns the total into CE and accuracy over all frames.
+  """
+
+  def eval_step(params: Any, batch: Batch) -> Sums:
+    no_mask = jnp.zeros(batch["mask_time_indices"].shape, bool)
+    sums = _forward_sums(model, params, batch, no_mask, True, None)
+    return lax.psum(sums, axis_name)
+
+  return eval_step
