@@ -130,3 +130,77 @@ def test_ptbxl_refuses_a_folder_without_ptbxl(tmp_path):
   builder = PtbXl(config="all", data_dir=tmp_path / "data")
   with pytest.raises(FileNotFoundError, match=r"no PTB-XL tree in .*manual: expected a folder holding"):
     builder.download_and_prepare(download_config=_download_config(manual_dir=tmp_path / "manual"))
+
+
+def _fill_splits(path, splits):
+  lines = path.read_text().splitlines()
+  header = lines[0].split(",")
+  column = header.index("split")
+  rows = [line.split(",") for line in lines[1:]]
+  for row, split in zip(rows, splits):
+    row[column] = split
+  path.write_text("\n".join(",".join(row) for row in [header] + rows) + "\n")
+
+
+def test_labels_template_command_and_folder_builder(tmp_path, capsys):
+  from hubert_ecg_jax.cli import main
+  from hubert_ecg_jax.data.synthetic import SYNTHETIC_CLASSES, generate_dataset, write_wfdb_folder
+  from hubert_ecg_jax.data.tfds_folder import EcgFolder, read_labels_csv
+
+  folder = tmp_path / "records"
+  write_wfdb_folder(folder / "wfdb", 5, seed=4, duration_s=6.0)
+  signals, _ = generate_dataset(1, seed=9, fs=250, duration_s=6.0)
+  np.save(folder / "extra.npy", signals[0])
+  assert main(["labels-template", str(folder), "--labels", "AF,custom", "--with-split"]) == 0
+  assert "6 records" in capsys.readouterr().out
+  labels_csv = folder / "labels.csv"
+  codes = sorted(c.snomed_code for c in list(SYNTHETIC_CLASSES.values())[:5])
+  lines = labels_csv.read_text().splitlines()
+  assert lines[0].split(",") == ["record", "fs", "split"] + sorted(codes + ["AF", "custom"])
+  assert lines[1].startswith("extra.npy,,,")  # nothing known: every cell left to the user
+  nsr_row = lines[2].split(",")  # wfdb/SYN00000.hea is NSR
+  assert nsr_row[:3] == ["wfdb/SYN00000.hea", "", ""]
+  assert nsr_row[3:] == ["1" if code == "426783006" else "0" for code in sorted(codes)] + ["", ""]
+  assert main(["labels-template", str(folder)]) == 1  # refuses to overwrite
+  assert "exists; pass overwrite (--force)" in capsys.readouterr().err
+
+  with pytest.raises(ValueError, match=r"labels.csv:2: label '164889003' of extra.npy is ''; fill in 0 or 1"):
+    read_labels_csv(labels_csv)
+  main(["labels-template", str(folder), "--with-split", "--force", "--extensions", ".hea"])
+  _fill_splits(labels_csv, ["train", "train", "test", "train", "test"])
+  table = read_labels_csv(labels_csv)
+  assert table.splits == ["train", "train", "test", "train", "test"] and table.fs == [None] * 5
+
+  builder = EcgFolder(data_dir=tmp_path / "data")
+  builder.download_and_prepare(download_config=_download_config(manual_dir=folder))
+  assert builder.info.splits["train"].num_examples == 3 and builder.info.splits["test"].num_examples == 2
+  assert builder.info.features["label_ids"].feature.names == sorted(codes)
+  examples = {example["record"].decode(): example for example in _as_numpy(builder, "test")}
+  assert sorted(examples) == ["wfdb/SYN00002.hea", "wfdb/SYN00004.hea"]
+  example = examples["wfdb/SYN00002.hea"]  # SB
+  np.testing.assert_array_equal(example["labels"], [code == "426177001" for code in sorted(codes)])
+  expected = read_record(folder / "wfdb" / "SYN00002.hea")
+  np.testing.assert_array_equal(example["signal"], prepare_record(expected.signal, expected.fs, expected.lead_names))
+  assert example["signal"].shape == (12, 3000) and example["source_fs"] == 500.0
+
+
+def test_labels_csv_refusals(tmp_path):
+  from hubert_ecg_jax.data.tfds_folder import read_labels_csv, write_labels_template
+
+  cases = {
+      "first.csv": ("path,AF\nx.hea,1\n", r"the first column must be 'record', got columns \['path', 'AF'\]"),
+      "nolabels.csv": ("record,split\nx.hea,train\n", r"no label columns"),
+      "badsplit.csv": ("record,split,AF\nx.hea,tr ain,1\n", r"split 'tr ain' of x.hea must be a name"),
+      "twice.csv": ("record,AF\nx.hea,1\nx.hea,0\n", r"records listed more than once: \['x.hea'\]"),
+      "ragged.csv": ("record,AF\nx.hea,1,0\n", r"labels.csv|ragged.csv:2: 3 values, expected 2"),
+      "badfs.csv": ("record,fs,AF\nx.npy,fast,1\n", r"fs 'fast' is not a number"),
+  }
+  for name, (content, message) in cases.items():
+    (tmp_path / name).write_text(content)
+    with pytest.raises(ValueError, match=message):
+      read_labels_csv(tmp_path / name)
+  with pytest.raises(FileNotFoundError, match=r"labels CSV .*missing.csv not found"):
+    read_labels_csv(tmp_path / "missing.csv")
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(ValueError, match=r"no records \(.hea, .npy\) found under"):
+    write_labels_template(tmp_path / "empty")
