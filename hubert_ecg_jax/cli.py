@@ -17,6 +17,7 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("export", "export", "export a model to a Hugging Face directory"),
     ("preprocess", "preprocess", "prepare ECG records into sharded TFRecord files (resumable)"),
     ("cluster", "cluster", "fit k-means pre-training targets on feature arrays, with a K sweep"),
+    ("labels-template", "labels_template", "write the labels CSV template for a folder of ECG records"),
 )
 
 
