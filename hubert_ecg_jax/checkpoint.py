@@ -41,7 +41,7 @@ def save_model(directory: str | pathlib.Path, config: HubertECGConfig, params: A
   staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
   try:
     host_params = jax.tree_util.tree_map(lambda a: np.asarray(a, dtype=np.float32), params)
-    ocp.save_pytree(staging / PARAMS_DIR, host_params)
+    ocp.save(staging / PARAMS_DIR, host_params)
     config.save_json(staging / CONFIG_FILE)
     (staging / METADATA_FILE).write_text(json.dumps(metadata or {}, indent=2, default=str) + "\n")
     if directory.exists():
@@ -62,7 +62,7 @@ def load_model(directory: str | pathlib.Path) -> tuple[HubertECGConfig, dict, di
     raise FileNotFoundError(f"{directory} is not a hubert-ecg-jax model directory: expected "
                             f"{CONFIG_FILE} and a {PARAMS_DIR}/ folder in it")
   config = HubertECGConfig.from_json(directory / CONFIG_FILE)
-  params = ocp.load_pytree(directory.absolute() / PARAMS_DIR)
+  params = ocp.load(directory.absolute() / PARAMS_DIR)
   params = jax.tree_util.tree_map(np.asarray, params)
   metadata_path = directory / METADATA_FILE
   metadata = json.loads(metadata_path.read_text()) if metadata_path.is_file() else {}

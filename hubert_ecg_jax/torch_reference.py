@@ -1,8 +1,9 @@
-"""The PyTorch reference: `transformers.HubertModel` plus HuBERT-ECG's heads, with random weights.
+"""The PyTorch original for parity checks and benchmarks (needs the `torch` extra).
 
-Written from the published facts (reference §1): `final_proj.{i}` Linear(H, P), `label_embedding.{i}`
-Embedding(V_i, P), logits = cosine_similarity(projection, embedding) / 0.1. Every parameter is
-randomised, norms and weight-norm magnitudes included, so that no parameter sits at its default.
+`transformers.HubertModel` plus HuBERT-ECG's heads, written from the published facts (reference
+§1): `final_proj.{i}` Linear(H, P), `label_embedding.{i}` Embedding(V_i, P), logits =
+cosine_similarity(projection, embedding) / 0.1. `make_reference` randomises every parameter, norms
+and weight-norm magnitudes included, so that no parameter sits at its default.
 """
 from __future__ import annotations
 
@@ -14,10 +15,10 @@ from hubert_ecg_jax.config import HubertECGConfig
 
 
 class TorchHubertECG(torch.nn.Module):
-  def __init__(self, config: HubertECGConfig):
+  def __init__(self, config: HubertECGConfig, attn_implementation: str = "eager"):
     super().__init__()
     hf = transformers.HubertConfig(**config.to_hf_dict())
-    hf._attn_implementation = "eager"
+    hf._attn_implementation = attn_implementation
     self.hubert = transformers.HubertModel(hf)
     self.final_proj = torch.nn.ModuleList(
         [torch.nn.Linear(config.hidden_size, config.classifier_proj_size)
@@ -32,17 +33,29 @@ class TorchHubertECG(torch.nn.Module):
       out[key[len("hubert."):] if key.startswith("hubert.") else key] = value
     return out
 
+  def load_flax_params(self, params: dict) -> None:
+    """Copies a HubertECG params tree (with or without pretraining heads) into this model."""
+    from hubert_ecg_jax.convert import flax_to_state_dict
+    state = {k: torch.from_numpy(np.array(v)) for k, v in flax_to_state_dict(params).items()}
+    heads = {k: v for k, v in state.items() if k.startswith(("final_proj", "label_embedding"))}
+    self.hubert.load_state_dict({k: v for k, v in state.items() if k not in heads})
+    if heads:
+      self.load_state_dict(heads, strict=False)
+
+  def logits(self, last_hidden_state: torch.Tensor) -> list[torch.Tensor]:
+    out = []
+    for i, embedding in enumerate(self.label_embedding):
+      projection = self.final_proj[min(i, len(self.final_proj) - 1)](last_hidden_state)
+      out.append(torch.cosine_similarity(projection.unsqueeze(2), embedding.weight[None, None],
+                                         dim=-1) / 0.1)
+    return out
+
   @torch.no_grad()
   def forward_all(self, x: np.ndarray, attention_mask: np.ndarray | None = None):
     self.eval()
     mask = None if attention_mask is None else torch.from_numpy(attention_mask).long()
     out = self.hubert(torch.from_numpy(x), attention_mask=mask, output_hidden_states=True)
-    last = out.last_hidden_state
-    logits = []
-    for i, embedding in enumerate(self.label_embedding):
-      projection = self.final_proj[min(i, len(self.final_proj) - 1)](last)
-      logits.append(torch.cosine_similarity(projection.unsqueeze(2),
-                                            embedding.weight[None, None], dim=-1) / 0.1)
+    logits = self.logits(out.last_hidden_state)
     return [h.numpy() for h in out.hidden_states], [l.numpy() for l in logits]
 
 

@@ -1,0 +1,92 @@
+"""Forward-pass benchmark: our JAX model (float32 and bf16 compute) against `transformers`' PyTorch
+HubertModel with the same weights, measured interleaved in one run so machine drift hits both."""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hubert_ecg_jax.config import HubertECGConfig
+from hubert_ecg_jax.flops import forward_flops, peak_flops
+from hubert_ecg_jax.model import HubertECG
+
+
+def time_call(fn: Callable[[], Any]) -> float:
+  start = time.perf_counter()
+  fn()
+  return time.perf_counter() - start
+
+
+def interleaved_medians(candidates: dict[str, Callable[[], Any]], repeats: int,
+                        warmup: int = 1) -> dict[str, float]:
+  """Median seconds per call of each candidate, calling them in turn `repeats` times."""
+  for fn in candidates.values():
+    for _ in range(warmup):
+      fn()
+  times: dict[str, list[float]] = {name: [] for name in candidates}
+  for _ in range(repeats):
+    for name, fn in candidates.items():
+      times[name].append(time_call(fn))
+  return {name: statistics.median(values) for name, values in times.items()}
+
+
+def run_forward_benchmark(size: str = "base", batch: int = 8, repeats: int = 5,
+                          with_torch: bool = True) -> dict[str, Any]:
+  config = HubertECGConfig.preset(size)
+  x = np.random.default_rng(0).uniform(-1, 1, (batch, 6000)).astype(np.float32)
+  model = HubertECG(config)
+  params = jax.jit(model.init)({"params": jax.random.key(0)}, jnp.asarray(x[:1]))["params"]
+  candidates: dict[str, Callable[[], Any]] = {}
+  x_device = jax.device_put(x)
+  for dtype in ("float32", "bfloat16"):
+    fast_model = HubertECG(config.replace(compute_dtype=dtype), pretraining_heads=False)
+    forward = jax.jit(lambda p, v, m=fast_model: m.apply({"params": p}, v).last_hidden_state)
+    backbone = {k: v for k, v in params.items() if not k.startswith(("final_proj", "label_embedding"))}
+    candidates[f"jax_{'fp32' if dtype == 'float32' else 'bf16'}"] = (
+        lambda f=forward, p=backbone: f(p, x_device).block_until_ready())
+  if with_torch:
+    import torch
+
+    from hubert_ecg_jax.torch_reference import TorchHubertECG
+    reference = TorchHubertECG(config, attn_implementation="sdpa").eval()
+    reference.load_flax_params(params)
+    x_torch = torch.from_numpy(x)
+
+    def torch_forward():
+      with torch.inference_mode():
+        reference.hubert(x_torch)
+    candidates["torch_fp32"] = torch_forward
+  seconds = interleaved_medians(candidates, repeats)
+  flops = forward_flops(config, with_logits=False)
+  device = jax.devices()[0]
+  peak = peak_flops(device.device_kind)
+  result: dict[str, Any] = {"size": size, "batch": batch, "repeats": repeats,
+                            "device": device.device_kind, "gflop_per_ecg": flops / 1e9}
+  for name, secs in seconds.items():
+    result[f"{name}_ecg_per_s"] = batch / secs
+    result[f"{name}_gflop_per_s"] = batch * flops / secs / 1e9
+  if peak and "jax_bf16" in seconds:
+    result["jax_bf16_mfu"] = batch * flops / seconds["jax_bf16"] / peak
+  if "torch_fp32" in seconds:
+    for name in ("jax_fp32", "jax_bf16"):
+      result[f"{name}_vs_torch"] = seconds["torch_fp32"] / seconds[name]
+  return result
+
+
+def format_table(result: dict[str, Any], title: str) -> str:
+  rows = [f"{title}: size {result['size']}, batch {result['batch']}, device {result['device']}, "
+          f"{result['gflop_per_ecg']:.1f} GFLOP per ECG, median of {result['repeats']} interleaved runs",
+          f"{'implementation':<14} {'ECG/s':>9} {'GFLOP/s':>9} {'vs PyTorch':>11}"]
+  for name in ("torch_fp32", "jax_fp32", "jax_bf16"):
+    if f"{name}_ecg_per_s" not in result:
+      continue
+    ratio = result.get(f"{name}_vs_torch")
+    rows.append(f"{name:<14} {result[f'{name}_ecg_per_s']:>9.2f} "
+                f"{result[f'{name}_gflop_per_s']:>9.1f} {'' if ratio is None else f'{ratio:.2f}x':>11}")
+  if "jax_bf16_mfu" in result:
+    rows.append(f"MFU (bf16): {100 * result['jax_bf16_mfu']:.1f}%")
+  return "\n".join(rows)
