@@ -15,6 +15,7 @@ import sys
 COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("convert", "convert", "import PyTorch HuBERT-ECG weights as an Orbax model directory"),
     ("export", "export", "export a model to a Hugging Face directory"),
+    ("bench", "bench", "benchmark forward pass or train step against PyTorch"),
     ("preprocess", "preprocess", "prepare ECG records into sharded TFRecord files (resumable)"),
     ("cluster", "cluster", "fit k-means pre-training targets on feature arrays, with a K sweep"),
     ("labels-template", "labels_template", "write the labels CSV template for a folder of ECG records"),
