@@ -15,6 +15,8 @@ import sys
 COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("convert", "convert", "import PyTorch HuBERT-ECG weights as an Orbax model directory"),
     ("export", "export", "export a model to a Hugging Face directory"),
+    ("features", "features", "dump per-frame features of every record for k-means targets"),
+    ("targets", "targets", "write k-means units into the records as pre-training targets"),
     ("bench", "bench", "benchmark forward pass or train step against PyTorch"),
     ("preprocess", "preprocess", "prepare ECG records into sharded TFRecord files (resumable)"),
     ("cluster", "cluster", "fit k-means pre-training targets on feature arrays, with a K sweep"),
