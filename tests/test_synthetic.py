@@ -155,3 +155,14 @@ def test_wfdb_folder_reads_like_cinc(tmp_path):
     assert set(record.metadata) == {"age", "sex"}
     x, mask = preprocess_ecg(record.signal, record.fs, record.lead_names)
     assert x.shape == (6000,) and mask.all()
+
+
+def test_plot_tool_writes_the_chosen_sheets(tmp_path, monkeypatch):
+  import runpy
+  import sys
+  from pathlib import Path
+
+  tool = Path(__file__).resolve().parents[1] / "tools" / "plot_synthetic.py"
+  monkeypatch.setattr(sys, "argv", [str(tool), "--out", str(tmp_path), "--seconds", "1", "--classes", "AF,RBBB"])
+  runpy.run_path(str(tool), run_name="__main__")
+  assert sorted(path.name for path in tmp_path.glob("*.png")) == ["AF.png", "RBBB.png"]

@@ -1,6 +1,6 @@
 """Plots synthetic ECGs of every class as 12-lead sheets (PNG), to look at them before trusting them.
 
-Usage: python tools/plot_synthetic.py --out /tmp/synthetic --seed 0 [--clean] [--seconds 10]
+Usage: python tools/plot_synthetic.py --out /tmp/synthetic --seed 0 [--clean] [--seconds 10] [--classes AF,RBBB]
 """
 from __future__ import annotations
 
@@ -42,10 +42,18 @@ def main() -> None:
   parser.add_argument("--seconds", type=float, default=10.0, help="duration of each ECG")
   parser.add_argument("--clean", action="store_true", help="no noise or baseline wander")
   parser.add_argument("--powerline-hz", type=float, default=None, help="add mains hum at this frequency")
+  parser.add_argument("--classes", default=",".join(SYNTHETIC_CLASSES),
+                      help="comma-separated classes to plot (default: all)")
   args = parser.parse_args()
   args.out.mkdir(parents=True, exist_ok=True)
   noise = None if args.clean else NoiseConfig(powerline_hz=args.powerline_hz)
+  names = [name.strip() for name in args.classes.split(",") if name.strip()]
+  for name in names:
+    if name not in SYNTHETIC_CLASSES:
+      parser.error(f"unknown class {name!r}; expected some of {list(SYNTHETIC_CLASSES)}")
   for index, name in enumerate(SYNTHETIC_CLASSES):
+    if name not in names:
+      continue
     signal = generate_ecg(name, np.random.default_rng([args.seed, index]), 500, args.seconds, noise)
     path = args.out / f"{name}.png"
     plot_sheet(signal, 500, f"{name}: {SYNTHETIC_CLASSES[name].description}", path)
