@@ -66,6 +66,23 @@ def test_wfdb_refusals(tmp_path, sample_data_dir):
     read_record(sample_data_dir / "E07500.hea", fs=250)
 
 
+def test_wfdb_rate_units_and_lead_name_checks(tmp_path, sample_data_dir):
+  signal = np.random.default_rng(5).normal(0, 0.001, (1000, 12))
+  wfdb.wrsamp("volts", fs=500, units=["V"] * 12, sig_name=list(STANDARD_LEADS), p_signal=signal,
+              fmt=["16"] * 12, adc_gain=[1e6] * 12, baseline=[0] * 12, write_dir=str(tmp_path))
+  np.testing.assert_allclose(read_record(tmp_path / "volts.hea").signal, signal.T * 1000, atol=1e-3)
+  wfdb.wrsamp("slow", fs=50, units=["mV"] * 12, sig_name=list(STANDARD_LEADS), p_signal=signal,
+              fmt=["16"] * 12, adc_gain=[1000.0] * 12, baseline=[0] * 12, write_dir=str(tmp_path))
+  with pytest.raises(ValueError, match=r"slow.hea: sampling rate must be at least 100 Hz, got 50"):
+    read_record(tmp_path / "slow.hea")
+  renamed = read_record(sample_data_dir / "E07502.hea", lead_names=[f"L{i}" for i in range(12)])
+  assert renamed.lead_names[11] == "L11"
+  with pytest.raises(ValueError, match=r"2 lead names given for 12 signals"):
+    read_record(sample_data_dir / "E07502.hea", lead_names=["I", "II"])
+  with pytest.raises(ValueError, match=r"E07502.mat is a WFDB signal file; pass its header .*E07502.hea"):
+    read_record(sample_data_dir / "E07502.mat")
+
+
 def test_npy_both_layouts_and_refusals(tmp_path):
   signal = np.random.default_rng(2).normal(size=(12, 3000)).astype(np.float32)
   np.save(tmp_path / "leads_first.npy", signal)

@@ -225,6 +225,8 @@ def read_record(path: str | os.PathLike, fs: float | None = None,
     return read_npy(path, fs=fs, lead_names=lead_names)
   if suffix == ".csv":
     return read_csv(path, fs=fs, lead_names=lead_names)
+  if suffix in (".dat", ".mat"):
+    raise ValueError(f"{path} is a WFDB signal file; pass its header {path.with_suffix('.hea')}")
   raise ValueError(
       f"{path}: unsupported record type {suffix!r}; expected one of {list(RECORD_EXTENSIONS)} "
       "(HDF5 CODE-15 files: read_code15_hdf5)")
