@@ -112,7 +112,7 @@ def test_npy_source_reads_shards_and_shuffles_deterministically(tmp_path, overla
 def test_minibatch_step_is_sculley_running_mean():
   rng = np.random.default_rng(4)
   centers = rng.normal(size=(20, 32)).astype(np.float32)
-  counts = rng.integers(0, 5, 20).astype(np.float32)
+  counts = rng.integers(0, 5, 20).astype(np.int32)
   batch = rng.normal(size=(1024, 32)).astype(np.float32)
   valid = 1000
   labels = _reference_distances(batch[:valid], centers).argmin(1)

@@ -222,24 +222,24 @@ def _minibatch_step(centers: jax.Array, counts: jax.Array, batch: jax.Array, val
                     normalize: bool) -> tuple[jax.Array, jax.Array]:
   x = _prepare(batch, normalize)
   labels, _ = _nearest(x, centers)
-  weight = (jnp.arange(x.shape[0]) < valid_rows).astype(jnp.float32)
-  batch_sums = jax.ops.segment_sum(x * weight[:, None], labels, centers.shape[0])  # (k, dim)
-  batch_counts = jax.ops.segment_sum(weight, labels, centers.shape[0])  # (k,)
+  valid = jnp.arange(x.shape[0]) < valid_rows
+  batch_sums = jax.ops.segment_sum(x * valid[:, None], labels, centers.shape[0])  # (k, dim)
+  batch_counts = jax.ops.segment_sum(valid.astype(jnp.int32), labels, centers.shape[0])  # (k,)
   new_counts = counts + batch_counts
-  step = (batch_sums - batch_counts[:, None] * centers) / jnp.maximum(new_counts, 1.0)[:, None]
+  step = (batch_sums - batch_counts[:, None] * centers) / jnp.maximum(new_counts, 1)[:, None]
   return centers + step, new_counts
 
 
 class _PassStats(NamedTuple):
   sums: jax.Array  # (k, dim) sum of the vectors assigned to each centre
-  counts: jax.Array  # (k,)
+  counts: jax.Array  # (k,) int32
   sse: jax.Array  # ()
   far_d2: jax.Array  # (k,) largest distances to the nearest centre seen so far
   far_vectors: jax.Array  # (k, dim) the vectors at those distances
 
 
 def _empty_stats(k: int, dim: int) -> _PassStats:
-  return _PassStats(jnp.zeros((k, dim)), jnp.zeros((k,)), jnp.zeros(()),
+  return _PassStats(jnp.zeros((k, dim)), jnp.zeros((k,), jnp.int32), jnp.zeros(()),
                     jnp.full((k,), -jnp.inf), jnp.zeros((k, dim)))
 
 
@@ -249,26 +249,25 @@ def _lloyd_accumulate(stats: _PassStats, centers: jax.Array, block: jax.Array,
   x = _prepare(block, normalize)
   labels, d2 = _nearest(x, centers)
   valid = jnp.arange(x.shape[0]) < valid_rows
-  weight = valid.astype(jnp.float32)
   k = centers.shape[0]
   top_d2, top_rows = jax.lax.top_k(jnp.where(valid, d2, -jnp.inf), min(k, x.shape[0]))
   far_d2, far_index = jax.lax.top_k(jnp.concatenate([stats.far_d2, top_d2]), k)
   far_vectors = jnp.concatenate([stats.far_vectors, x[top_rows]])[far_index]
-  return _PassStats(stats.sums + jax.ops.segment_sum(x * weight[:, None], labels, k),
-                    stats.counts + jax.ops.segment_sum(weight, labels, k),
-                    stats.sse + jnp.sum(d2 * weight), far_d2, far_vectors)
+  return _PassStats(stats.sums + jax.ops.segment_sum(x * valid[:, None], labels, k),
+                    stats.counts + jax.ops.segment_sum(valid.astype(jnp.int32), labels, k),
+                    stats.sse + jnp.sum(jnp.where(valid, d2, 0.0)), far_d2, far_vectors)
 
 
 @jax.jit
 def _lloyd_update(stats: _PassStats) -> jax.Array:
   """Means of the assigned vectors; empty centres take the farthest vectors, in order."""
   empty = stats.counts == 0
-  means = stats.sums / jnp.maximum(stats.counts, 1.0)[:, None]
+  means = stats.sums / jnp.maximum(stats.counts, 1)[:, None]
   rank = jnp.maximum(jnp.cumsum(empty) - 1, 0)
   return jnp.where(empty[:, None], stats.far_vectors[rank], means)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class KMeansModel:
   """Fitted centres plus the normalisation they were fitted with (applied again at predict)."""
   centers: np.ndarray  # (k, dim) float32, in the normalised space when `normalize`
@@ -351,7 +350,7 @@ def fit_kmeans(data: np.ndarray | VectorSource, config: KMeansConfig,
     return tqdm(_blocks(source, rows, dim), desc=description, total=-(-n // rows), unit="block",
                 disable=not progress, leave=False)
 
-  counts = jnp.zeros((config.k,))
+  counts = jnp.zeros((config.k,), jnp.int32)
   for epoch in range(config.minibatch_epochs):
     for batch, valid in blocks(config.batch_size, f"k={config.k} mini-batch epoch {epoch + 1}"):
       centers, counts = _minibatch_step(centers, counts, batch, valid, config.normalize)
