@@ -5,8 +5,8 @@ lead-aligned window of each record (uniform random offset, or the first 5 s), sh
 buffer, and batches (dropping the remainder); epochs follow one another forever. Everything random is
 seeded from (`seed`, `e`, element index), so the same seed gives the same batches, and the iterator
 state (`BatchIterator.save` / `restore`) resumes exactly. Each batch then goes through the online
-stage (`preprocess.model_inputs`: NaN fill, lead-major flatten, `decimate(x, 5)`, attention mask) in
-parallel numpy calls inside tf.data; for pre-training, span masks are sampled there too with
+stage (`preprocess.model_inputs`, computed bit for bit by `online.fast_model_inputs`: NaN fill,
+lead-major flatten, `decimate(x, 5)`, attention mask) in parallel calls inside tf.data; for pre-training, span masks are sampled there too with
 `masking.sample_span_mask`, from a numpy generator seeded by (`seed`, host, batch index).
 
 Hosts: with at least as many shard files as hosts, host i reads files i, i+n, ...; otherwise every
@@ -34,7 +34,8 @@ import numpy as np
 
 from hubert_ecg_jax.config import HubertECGConfig
 from hubert_ecg_jax.data import records as records_lib
-from hubert_ecg_jax.data.preprocess import MODEL_INPUT_LENGTH, WINDOW_SAMPLES, model_inputs
+from hubert_ecg_jax.data.online import fast_model_inputs
+from hubert_ecg_jax.data.preprocess import MODEL_INPUT_LENGTH, WINDOW_SAMPLES
 from hubert_ecg_jax.masking import sample_span_mask
 
 _EPOCH_SEED_STRIDE = 1_000_003
@@ -263,7 +264,7 @@ def online_stage(windows: np.ndarray, step: int, config: PipelineConfig, with_ma
 
   Span masks come from a generator seeded by (seed, host, step), so a resumed run draws the same ones.
   """
-  x, attention_mask = model_inputs(windows)
+  x, attention_mask = fast_model_inputs(windows)
   if not with_masks:
     return x, attention_mask
   index, _ = config.hosts()
