@@ -1,0 +1,325 @@
+"""Batched deterministic inference: classifiers and embeddings over ECG files or records directories.
+
+No masking and no dropout anywhere here. Inputs are 5-s windows of prepared records (500 Hz,
+band-passed, min-max scaled; `data.preprocess`) taken as `crop` says:
+
+- "first": the first 5 s (the original's evaluation without TTA);
+- "tta": `n_crops` evenly spaced windows from start to end (deterministic);
+- "random": `n_crops` seeded random windows (the original's TTA, with the last offset included);
+- "cover": as many evenly spaced windows as cover the record, ceil(samples / 2500) (10 s -> the two
+  halves); files only.
+
+Per-window outputs of one record are aggregated over its windows (`evaluate.aggregate_crops`: mean or
+max; the original's test.sh takes the max of the sigmoid probabilities). Batches are padded to a fixed
+size (one compilation) and split over this host's devices.
+
+A fine-tuned classifier is a model directory (`checkpoint.save_model`) whose params are
+{"hubert_ecg": ..., "classifier": ...} and whose metadata (format `CLASSIFIER_FORMAT`) holds the task,
+output names, head sizes and the thresholds tuned on validation.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import pathlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from hubert_ecg_jax.classifier import HubertECGForClassification, masked_mean
+from hubert_ecg_jax.config import HubertECGConfig
+from hubert_ecg_jax.finetune.tasks import Task
+from hubert_ecg_jax.train.step import AXIS
+
+CLASSIFIER_FORMAT = "hubert-ecg-jax/classifier"
+CLASSIFIER_FORMAT_VERSION = 1
+CROP_MODES = ("first", "tta", "random", "cover")
+POOLING = ("mean", "none")
+HDF5_SUFFIXES = (".h5", ".hdf5")
+_PRETRAINING_HEADS = ("final_proj_", "label_embedding_")
+
+
+# ------------------------------------------------------------------------------------------------
+# Models
+
+
+@dataclasses.dataclass
+class Classifier:
+  """A fine-tuned classifier: config, params, task, thresholds (multi-label) and metadata."""
+  config: HubertECGConfig
+  params: dict
+  task: Task
+  thresholds: np.ndarray | None
+  classifier_hidden_size: int | None
+  metadata: dict
+
+  @property
+  def model(self) -> HubertECGForClassification:
+    return HubertECGForClassification(self.config, self.task.num_outputs, self.classifier_hidden_size)
+
+
+def classifier_metadata(task: Task, classifier_hidden_size: int | None, classifier_dropout: float,
+                        thresholds: np.ndarray | None = None, **extra: Any) -> dict[str, Any]:
+  """The metadata a classifier is saved with (`checkpoint.save_model`)."""
+  return {"format": CLASSIFIER_FORMAT, "version": CLASSIFIER_FORMAT_VERSION, "task": task.to_dict(),
+          "classifier_hidden_size": classifier_hidden_size, "classifier_dropout": classifier_dropout,
+          "thresholds": None if thresholds is None else [float(t) for t in thresholds], **extra}
+
+
+def load_classifier(path: str | pathlib.Path) -> Classifier:
+  """A classifier saved by `hubert-ecg-jax finetune` (or a converted fine-tuned checkpoint, whose
+  outputs are then named label_0... and treated as multi-label with threshold 0.5)."""
+  from hubert_ecg_jax import checkpoint
+  from hubert_ecg_jax.pretrained import load_pretrained_with_heads
+
+  path = pathlib.Path(path)
+  if checkpoint.is_model_dir(path):
+    config, params, metadata = checkpoint.load_model(path)
+    if metadata.get("format") != CLASSIFIER_FORMAT:
+      raise ValueError(f"{path} is a model directory but not a fine-tuned classifier (its metadata "
+                       f"has format {metadata.get('format')!r}, expected {CLASSIFIER_FORMAT!r}); "
+                       "fine-tune it first with `hubert-ecg-jax finetune`")
+    task = Task.from_dict(metadata["task"])
+    thresholds = metadata.get("thresholds")
+    return Classifier(config, params, task, None if thresholds is None else np.asarray(thresholds),
+                      metadata.get("classifier_hidden_size"), metadata)
+  config, backbone, heads = load_pretrained_with_heads(path)
+  if "classifier" not in heads:
+    raise ValueError(f"{path} holds no classifier head: expected a fine-tuned model (a directory "
+                     "written by `hubert-ecg-jax finetune`, or a converted fine-tuned checkpoint)")
+  num_outputs = int(np.shape(heads["classifier"]["bias"])[0])
+  hidden = int(np.shape(heads["classifier_hidden"]["bias"])[0]) if "classifier_hidden" in heads else None
+  names = tuple(f"label_{i}" for i in range(num_outputs))
+  params = {"hubert_ecg": strip_pretraining_heads(backbone), **heads}
+  return Classifier(config, params, Task("multi_label", names, names), None, hidden,
+                    {"source": str(path)})
+
+
+def strip_pretraining_heads(backbone: dict) -> dict:
+  """Backbone params without `final_proj_*` / `label_embedding_*` (for `pretraining_heads=False`)."""
+  return {name: value for name, value in backbone.items() if not name.startswith(_PRETRAINING_HEADS)}
+
+
+def load_backbone(path: str | pathlib.Path) -> tuple[HubertECGConfig, dict]:
+  """(config, backbone params) of any model: pretrained or fine-tuned, ours or converted."""
+  from hubert_ecg_jax.pretrained import load_pretrained_with_heads
+
+  config, backbone, _ = load_pretrained_with_heads(path)
+  return config, strip_pretraining_heads(backbone)
+
+
+def classifier_logits_fn(model: HubertECGForClassification) -> Callable:
+  """(params, x, mask) -> logits (batch, outputs), deterministic."""
+  return lambda params, x, mask: model.apply({"params": params}, x, attention_mask=mask,
+                                             deterministic=True)
+
+
+def embedding_fn(config: HubertECGConfig, layer: int | None = None, pool: str = "mean") -> Callable:
+  """(backbone params, x, mask) -> (batch, hidden) masked mean, or (batch, frames, hidden) for
+  pool "none", of hidden state `layer` (0: the encoder input, L: the last block; None: the last)."""
+  from hubert_ecg_jax.model import HubertECG
+
+  if pool not in POOLING:
+    raise ValueError(f"pool must be one of {POOLING}, found {pool!r}")
+  if layer is not None and not 0 <= layer <= config.num_hidden_layers:
+    raise ValueError(f"layer must lie in 0..{config.num_hidden_layers} (0: encoder input, "
+                     f"{config.num_hidden_layers}: last block), found {layer}")
+  model = HubertECG(config, pretraining_heads=False)
+
+  def embed(params: Any, x: jax.Array, mask: jax.Array) -> jax.Array:
+    out = model.apply({"params": params}, x, attention_mask=mask, deterministic=True,
+                      output_hidden_states=layer is not None)
+    hidden = out.last_hidden_state if layer is None else out.hidden_states[layer]
+    return masked_mean(hidden, out.frame_mask) if pool == "mean" else hidden
+
+  return embed
+
+
+class BatchRunner:
+  """Runs `fn(params, x, mask)` over any number of inputs in fixed-size batches on local devices."""
+
+  def __init__(self, fn: Callable, batch_size: int = 64, devices: Sequence[jax.Device] | None = None):
+    self.mesh = Mesh(np.asarray(list(devices or jax.local_devices())), (AXIS,))
+    if batch_size < 1:
+      raise ValueError(f"batch_size must be at least 1, found {batch_size}")
+    self.batch_size = math.ceil(batch_size / self.mesh.size) * self.mesh.size
+    self._batch_sharding = NamedSharding(self.mesh, P(AXIS))
+    self._replicated = NamedSharding(self.mesh, P())
+    self._fn = jax.jit(fn)
+    self._params: Any = None
+    self._placed: Any = None
+
+  def place_params(self, params: Any) -> Any:
+    """Params replicated on the runner's devices (cached for the same params object)."""
+    if params is not self._params:
+      self._params, self._placed = params, jax.device_put(params, self._replicated)
+    return self._placed
+
+  def __call__(self, params: Any, x: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """x, mask (n, samples) -> outputs (n, ...) as numpy."""
+    placed = self.place_params(params)
+    outputs = []
+    for start in range(0, len(x), self.batch_size):
+      chunk_x, chunk_mask = x[start:start + self.batch_size], mask[start:start + self.batch_size]
+      pad = self.batch_size - len(chunk_x)
+      if pad:
+        chunk_x = np.concatenate([chunk_x, np.zeros((pad, *chunk_x.shape[1:]), chunk_x.dtype)])
+        chunk_mask = np.concatenate([chunk_mask, np.ones((pad, *chunk_mask.shape[1:]), chunk_mask.dtype)])
+      batch = jax.device_put((jnp.asarray(chunk_x, jnp.float32), jnp.asarray(chunk_mask, jnp.int32)),
+                             self._batch_sharding)
+      out = np.asarray(self._fn(placed, *batch))
+      outputs.append(out[:len(out) - pad])
+    return np.concatenate(outputs) if outputs else np.zeros((0,))
+
+
+# ------------------------------------------------------------------------------------------------
+# Inputs
+
+
+def window_offsets(num_samples: int, crop: str, n_crops: int = 1,
+                   rng: np.random.Generator | None = None) -> np.ndarray:
+  """Start offsets of the 5-s windows of a 500-Hz record of `num_samples` samples (see module doc)."""
+  from hubert_ecg_jax.data.preprocess import WINDOW_SAMPLES, crop_offsets
+
+  if crop not in CROP_MODES:
+    raise ValueError(f"crop must be one of {CROP_MODES}, found {crop!r}")
+  if crop == "cover":
+    return crop_offsets(num_samples, "tta", n_crops=max(1, math.ceil(num_samples / WINDOW_SAMPLES)))
+  return crop_offsets(num_samples, crop, rng=rng, n_crops=n_crops)
+
+
+def record_windows(prepared: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Prepared record (12, n) and offsets (k,) -> model inputs x, mask, each (k, 6000)."""
+  from hubert_ecg_jax.data.preprocess import crop_window, model_inputs
+
+  return model_inputs(np.stack([crop_window(prepared, int(offset)) for offset in offsets]))
+
+
+@dataclasses.dataclass
+class FileResult:
+  """One record read from a file: its id, source, raw record, window offsets and per-window outputs."""
+  record_id: str
+  source: str
+  record: Any  # data.readers.EcgRecord (raw signal in mV, for plotting)
+  offsets: np.ndarray
+  outputs: np.ndarray  # (windows, ...)
+
+
+def list_input_files(path: str | pathlib.Path, extensions: Sequence[str] = (".hea", ".npy")
+                     ) -> list[pathlib.Path]:
+  """A record file, or the record files of a folder (recursive; CODE-15 HDF5 files included)."""
+  from hubert_ecg_jax.data.readers import find_records
+
+  path = pathlib.Path(path)
+  if path.is_file():
+    return [path]
+  if not path.is_dir():
+    raise FileNotFoundError(f"{path} does not exist: expected an ECG file or a folder of them")
+  files = find_records(path, extensions) + sorted(
+      p for p in path.rglob("*") if p.suffix.lower() in HDF5_SUFFIXES and p.is_file())
+  if not files:
+    raise ValueError(f"no ECG records in {path} (looked for {list(extensions) + list(HDF5_SUFFIXES)})")
+  return files
+
+
+def read_file_records(path: pathlib.Path, fs: float | None = None) -> Iterator[Any]:
+  """The records of one file (CODE-15 HDF5 files hold many) as `EcgRecord`s."""
+  from hubert_ecg_jax.data.readers import read_code15_hdf5, read_record
+
+  if path.suffix.lower() in HDF5_SUFFIXES:
+    yield from read_code15_hdf5(path)
+  else:
+    yield read_record(path, fs=fs)
+
+
+def run_on_files(runner: BatchRunner, params: Any, files: Sequence[pathlib.Path], crop: str,
+                 n_crops: int = 1, fs: float | None = None, seed: int = 0, group_size: int = 32,
+                 on_error: Callable[[str, str], None] | None = None, progress: bool = True
+                 ) -> Iterator[FileResult]:
+  """Reads, prepares, crops and runs every record of `files`, `group_size` records per device pass.
+
+  A record that cannot be read or prepared is passed to `on_error(source, reason)` and skipped
+  (without `on_error` the error is raised).
+  """
+  from tqdm import tqdm
+
+  from hubert_ecg_jax.data.preprocess import prepare_record
+
+  def prepared_records() -> Iterator[tuple[Any, str, np.ndarray, np.ndarray, np.ndarray]]:
+    for index, path in enumerate(tqdm(files, desc="records", unit="file", disable=not progress)):
+      try:
+        for record in read_file_records(path, fs):
+          prepared = prepare_record(record.signal, record.fs, lead_names=record.lead_names)
+          rng = np.random.default_rng([seed, index])
+          offsets = window_offsets(prepared.shape[1], crop, n_crops, rng)
+          x, mask = record_windows(prepared, offsets)
+          yield record, str(path), offsets, x, mask
+      except (ValueError, FileNotFoundError, OSError) as error:
+        if on_error is None:
+          raise
+        on_error(str(path), f"{type(error).__name__}: {error}")
+
+  group: list[tuple[Any, str, np.ndarray, np.ndarray, np.ndarray]] = []
+  for item in prepared_records():
+    group.append(item)
+    if len(group) == group_size:
+      yield from _run_group(runner, params, group)
+      group = []
+  yield from _run_group(runner, params, group)
+
+
+def _run_group(runner: BatchRunner, params: Any, group: list) -> Iterator[FileResult]:
+  if not group:
+    return
+  outputs = runner(params, np.concatenate([item[3] for item in group]),
+                   np.concatenate([item[4] for item in group]))
+  start = 0
+  for record, source, offsets, _, _ in group:
+    yield FileResult(record.record_id, source, record, offsets, outputs[start:start + len(offsets)])
+    start += len(offsets)
+
+
+@dataclasses.dataclass
+class DirectoryResult:
+  """Outputs over a records directory: one row per record, windows along axis 1."""
+  record_ids: list[str]
+  outputs: np.ndarray  # (records, windows, ...)
+  labels: np.ndarray  # (records, columns) as stored
+  label_names: list[str]
+
+
+def run_on_records_dir(runner: BatchRunner, params: Any, directory: str | pathlib.Path,
+                       crop: str = "first", n_crops: int = 1, seed: int = 0,
+                       progress: bool = True) -> DirectoryResult:
+  """Runs every record of a records directory (`hubert-ecg-jax preprocess` output) through `runner`."""
+  from tqdm import tqdm
+
+  from hubert_ecg_jax.data.pipeline import PipelineConfig, make_eval_iterator
+  from hubert_ecg_jax.data.records import read_manifest
+
+  if crop not in ("first", "tta", "random"):
+    raise ValueError(f"records directories take crop 'first', 'tta' or 'random', found {crop!r}")
+  manifest = read_manifest(directory)
+  n_crops = 1 if crop == "first" else n_crops
+  pipeline = PipelineConfig(batch_size=runner.batch_size, seed=seed, eval_crop=crop,
+                            eval_crops=n_crops, process_index=0, process_count=1)
+  record_ids, outputs, labels = [], [], []
+  with tqdm(total=manifest.num_records * n_crops, desc=f"windows of {pathlib.Path(directory).name}",
+            unit="window", disable=not progress) as bar:
+    for batch in make_eval_iterator(directory, pipeline):
+      outputs.append(runner(params, batch["x"], batch["attention_mask"]))
+      record_ids.extend(batch["record_id"].tolist())
+      labels.append(batch["labels"])
+      bar.update(len(batch["x"]))
+  if not outputs:
+    raise ValueError(f"{directory} holds no records")
+  windows = np.concatenate(outputs)
+  count = len(windows) // n_crops
+  return DirectoryResult(record_ids=record_ids[::n_crops],
+                         outputs=windows.reshape(count, n_crops, *windows.shape[1:]),
+                         labels=np.concatenate(labels)[::n_crops],
+                         label_names=list(manifest.label_names))
