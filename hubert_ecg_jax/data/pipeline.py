@@ -167,13 +167,12 @@ def _options(config: PipelineConfig) -> Any:
   return options
 
 
-def _crop(tf: Any, signal: Any, offsets: Any) -> Any:
-  """signal (12, n), offsets (k,) -> windows (k, 12, 2500), zero-padded at the end when n < 2500."""
+def _crop(tf: Any, signal: Any, offsets: Any, count: int) -> list[Any]:
+  """signal (12, n), offsets (count,) -> count windows (12, 2500), zero-padded at the end if n < 2500."""
   short = tf.maximum(WINDOW_SAMPLES - tf.shape(signal)[1], 0)
-  signal = tf.pad(signal, [[0, 0], [0, short]])
-  index = offsets[:, None] + tf.range(WINDOW_SAMPLES)[None, :]  # (k, 2500)
-  windows = tf.transpose(tf.gather(signal, index, axis=1), [1, 0, 2])
-  return tf.ensure_shape(windows, [None, records_lib.NUM_LEADS, WINDOW_SAMPLES])
+  signal = tf.cond(short > 0, lambda: tf.pad(signal, [[0, 0], [0, short]]), lambda: signal)
+  return [tf.ensure_shape(tf.slice(signal, tf.stack([0, offsets[i]]), [-1, WINDOW_SAMPLES]),
+                          [records_lib.NUM_LEADS, WINDOW_SAMPLES]) for i in range(count)]
 
 
 def _crop_offsets(tf: Any, num_samples: Any, mode: str, count: int, seed: Any) -> Any:
@@ -225,7 +224,7 @@ def train_windows_dataset(directory: str | os.PathLike, config: PipelineConfig) 
       parsed = records_lib.parse_example(serialized, manifest.num_labels, target_shape)
       crop_seed = tf.stack([epoch_seed, position * count + index])
       offsets = _crop_offsets(tf, parsed["num_samples"], config.train_crop, 1, crop_seed)
-      return _element(parsed, _crop(tf, parsed["signal"], offsets)[0], offsets[0])
+      return _element(parsed, _crop(tf, parsed["signal"], offsets, 1)[0], offsets[0])
 
     windows = stream.map(window, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return windows.shuffle(config.shuffle_buffer, seed=epoch_seed)
@@ -247,7 +246,8 @@ def eval_windows_dataset(directory: str | os.PathLike, config: PipelineConfig) -
     parsed = records_lib.parse_example(serialized, manifest.num_labels, target_shape)
     crop_seed = tf.stack([tf.constant(config.seed, tf.int64), position * count + index])
     offsets = _crop_offsets(tf, parsed["num_samples"], config.eval_crop, config.eval_crops, crop_seed)
-    element = _element(parsed, _crop(tf, parsed["signal"], offsets), offsets)
+    windows = tf.stack(_crop(tf, parsed["signal"], offsets, config.eval_crops))  # (k, 12, 2500)
+    element = _element(parsed, windows, offsets)
     for key in ("labels", "record_id", "targets"):
       if key in element:
         element[key] = tf.repeat(element[key][None], config.eval_crops, axis=0)
