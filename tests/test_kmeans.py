@@ -177,6 +177,8 @@ def test_bad_input_is_rejected(blobs):
   with_nan[50, 3] = np.nan
   with pytest.raises(ValueError, match="NaN"):
     fit_kmeans(with_nan, dataclasses.replace(CONFIG, k=5))
+  with pytest.raises(ValueError, match="fresh iterator"):
+    fit_kmeans(iter([blobs]), CONFIG)
   with pytest.raises(ValueError, match="k must be >= 1"):
     KMeansConfig(k=0)
   model = KMeansModel(blobs[:5], True, np.ones(5, np.int64), 1.0, (1.0,), dataclasses.replace(CONFIG, k=5))

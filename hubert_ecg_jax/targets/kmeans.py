@@ -36,6 +36,7 @@ import functools
 import json
 import math
 import pathlib
+import zipfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import NamedTuple
 
@@ -110,7 +111,12 @@ def npy_source(paths: Sequence[str | pathlib.Path], chunk_rows: int = 65536,
 
 
 def _as_source(data: np.ndarray | VectorSource, chunk_rows: int) -> VectorSource:
-  return data if callable(data) else array_source(data, chunk_rows)
+  if callable(data):
+    return data
+  if isinstance(data, Iterator):
+    raise ValueError("k-means reads the data several times: pass a callable that returns a fresh "
+                     "iterator of chunks (a VectorSource), not a one-shot iterator")
+  return array_source(data, chunk_rows)
 
 
 def _checked_chunks(source: VectorSource, dim: int | None = None) -> Iterator[np.ndarray]:
@@ -287,10 +293,20 @@ class KMeansModel:
 
   def _block_results(self, data: np.ndarray | VectorSource,
                      block_rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(labels, squared distances) per block; block i is read back while block i + 1 computes."""
     centers = jnp.asarray(self.centers)
+    in_flight: list[tuple[tuple[jax.Array, jax.Array], int]] = []
+
+    def read_back() -> tuple[np.ndarray, np.ndarray]:
+      (labels, d2), rows = in_flight.pop(0)
+      return np.asarray(labels)[:rows], np.asarray(d2)[:rows]
+
     for block, valid in _blocks(_as_source(data, block_rows), block_rows, self.dim):
-      labels, d2 = _assign_block(centers, block, self.normalize)
-      yield np.asarray(labels[:valid]), np.asarray(d2[:valid])
+      in_flight.append((_assign_block(centers, block, self.normalize), valid))
+      if len(in_flight) == 2:
+        yield read_back()
+    while in_flight:
+      yield read_back()
 
   def predict(self, vectors: np.ndarray, block_rows: int | None = None) -> np.ndarray:
     """(..., dim) vectors -> (...) int32 index of the nearest centre."""
@@ -320,10 +336,25 @@ class KMeansModel:
   @classmethod
   def load(cls, path: str | pathlib.Path) -> KMeansModel:
     """Read a model written by `save`."""
-    with np.load(path, allow_pickle=False) as saved:
+    path = pathlib.Path(path)
+    if not path.is_file():
+      raise FileNotFoundError(f"k-means model {path} not found")
+    expected = "expected an .npz archive written by KMeansModel.save"
+    try:
+      saved = np.load(path, allow_pickle=False)
+    except ValueError:  # numpy's guess for content that is neither .npy nor .npz: pickled data
+      raise ValueError(f"{path}: not a k-means model file: {expected}, found neither an .npz "
+                       "archive nor a .npy array") from None
+    except (OSError, EOFError, zipfile.BadZipFile) as error:
+      raise ValueError(f"{path}: not a k-means model file: {expected}, found a damaged archive "
+                       f"({error})") from None
+    if not isinstance(saved, np.lib.npyio.NpzFile):
+      raise ValueError(f"{path}: not a k-means model file: {expected}, found a single array of "
+                       f"shape {saved.shape}")
+    with saved:
       missing = [key for key in _MODEL_KEYS if key not in saved.files]
       if missing:
-        raise ValueError(f"{path}: not a k-means model file, missing {missing}")
+        raise ValueError(f"{path}: not a k-means model file: {expected}, missing {missing}")
       return cls(np.asarray(saved["centers"], np.float32), bool(saved["normalize"]),
                  np.asarray(saved["counts"]), float(saved["inertia"]),
                  tuple(float(v) for v in saved["history"]),
