@@ -193,3 +193,8 @@ def test_bad_configurations_are_refused(data):
     P.make_eval_iterator(root / "one", _config(process_index=2, process_count=2))
   with pytest.raises(FileNotFoundError, match="no manifest.json"):
     P.make_eval_iterator(root, _config())
+  R.write_records(root / "single", _records(False)[:1], list("abcd"))
+  with pytest.raises(ValueError, match="host 1 of 2 gets no records"):
+    P.make_train_iterator(root / "single", _config(process_index=1, process_count=2))
+  with pytest.raises(ValueError, match="seed must be non-negative"):
+    _config(seed=-1)

@@ -65,6 +65,8 @@ class PipelineConfig:
 
   def __post_init__(self) -> None:
     problems = []
+    if self.seed < 0:
+      problems.append(f"seed must be non-negative, found {self.seed}")
     if self.batch_size < 1:
       problems.append(f"batch_size must be at least 1, found {self.batch_size}")
     if self.train_crop not in ("random", "first"):
@@ -150,9 +152,14 @@ def _host_files(directory: str | os.PathLike, config: PipelineConfig
       raise ValueError(f"targets in {directory} have {manifest.target_frames} frames per record; "
                        f"the model makes {config.num_frames} of a 5-s input")
   index, count = config.hosts()
-  if len(paths) >= count:
-    return manifest, paths[index::count], False
-  return manifest, paths, True
+  split_records = len(paths) < count
+  counts = [shard.num_records for shard in manifest.shards]
+  host_records = (len(range(index, sum(counts), count)) if split_records
+                  else sum(counts[index::count]))
+  if host_records == 0:
+    raise ValueError(f"host {index} of {count} gets no records from {directory} "
+                     f"({manifest.num_records} records in {len(paths)} shard files)")
+  return manifest, (paths if split_records else paths[index::count]), split_records
 
 
 def _options(config: PipelineConfig) -> Any:
