@@ -112,6 +112,10 @@ class CheckpointManager:
               if c.metrics and BEST_METRIC in c.metrics]
     return min(scored)[1] if scored else None
 
+  def has_data_position(self, step: int) -> bool:
+    """Whether the checkpoint at `step` holds a data position."""
+    return (self.directory / str(step) / DATA).is_dir()
+
   def save(self, step: int, state: Any, data_position: DataPosition | None = None,
            val_loss: float | None = None) -> bool:
     """Saves `state` (replicated arrays) and the data position at `step`; False if already saved."""

@@ -32,7 +32,8 @@ class TrainState:
 def init_params(config: HubertECGConfig, rng: jax.Array, num_samples: int = ECG_SAMPLES) -> Any:
   """Fresh parameters of `HubertECG(config)` with its pretraining heads."""
   model = HubertECG(config)
-  return model.init({"params": rng}, jnp.zeros((1, num_samples), jnp.float32))["params"]
+  init = jax.jit(lambda key: model.init({"params": key}, jnp.zeros((1, num_samples), jnp.float32)))
+  return init(rng)["params"]
 
 
 def create_train_state(params: Any, optimizer: optax.GradientTransformation,
@@ -50,39 +51,28 @@ def init_train_state(config: HubertECGConfig, optimizer: optax.GradientTransform
   return create_train_state(init_params(config, init_key, num_samples), optimizer, dropout_key)
 
 
-def _label_embedding_names(params: Any) -> list[str]:
-  return sorted(name for name in params if name.startswith("label_embedding_"))
+def next_iteration_params(params: Any, config: HubertECGConfig, rng: jax.Array,
+                          num_samples: int = ECG_SAMPLES) -> Any:
+  """The original's iteration switch: fresh label embeddings for `config.vocab_sizes`, all else kept.
 
-
-def next_iteration_params(params: Any, config: HubertECGConfig, vocab_sizes: tuple[int, ...],
-                          rng: jax.Array,
-                          num_samples: int = ECG_SAMPLES) -> tuple[HubertECGConfig, Any]:
-  """The original's iteration switch: new label embeddings for `vocab_sizes`, all else kept.
-
-  The backbone and `final_proj` come from `params`; the label embeddings are freshly initialised
-  (the original builds new `nn.Embedding`s). Start the new iteration's optimizer from scratch with
-  `create_train_state`.
+  `params` are the previous iteration's; `config` is the new iteration's model (same
+  architecture, new vocabulary). The backbone and `final_proj` are kept; the label embeddings are
+  initialised anew (the original builds new `nn.Embedding`s). Start the optimizer from scratch
+  (`create_train_state`).
   """
-  vocab_sizes = tuple(int(v) for v in vocab_sizes)
-  if config.ensemble_length not in (1, len(vocab_sizes)):
-    raise ValueError(f"the model has ensemble_length={config.ensemble_length} projections, which "
-                     f"cannot serve {len(vocab_sizes)} codebooks: use 1 codebook or "
-                     f"{config.ensemble_length}")
-  old_embeddings = _label_embedding_names(params)
-  if len(old_embeddings) != len(config.vocab_sizes):
-    raise ValueError(f"params have {len(old_embeddings)} label embeddings but the config has "
-                     f"vocab_sizes={config.vocab_sizes}")
-  new_config = config.replace(vocab_sizes=vocab_sizes)
-  fresh = jax.eval_shape(lambda: init_params(new_config, rng, num_samples))
-  new_params = {name: value for name, value in params.items() if not name.startswith("label_embedding_")}
-  mismatched = [name for name in new_params
-                if jax.tree.map(jnp.shape, new_params[name]) != jax.tree.map(jnp.shape, fresh[name])]
-  if mismatched or set(new_params) != {n for n in fresh if not n.startswith("label_embedding_")}:
-    raise ValueError(f"params do not match the config's architecture (differing: "
-                     f"{mismatched or sorted(set(fresh) ^ set(new_params))})")
+  fresh = jax.eval_shape(lambda: init_params(config, rng, num_samples))
+  kept = {name: value for name, value in params.items() if not name.startswith("label_embedding_")}
+  expected = {name: value for name, value in fresh.items() if not name.startswith("label_embedding_")}
+  shapes = lambda tree: jax.tree.map(jnp.shape, tree)
+  if jax.tree.structure(kept) != jax.tree.structure(expected) or shapes(kept) != shapes(expected):
+    differing = sorted(name for name in set(kept) | set(expected)
+                       if name not in kept or name not in expected
+                       or shapes(kept[name]) != shapes(expected[name]))
+    raise ValueError(f"the previous model's parameters do not fit the new iteration's architecture "
+                     f"(size, downsampling, projection): differing entries {differing}")
   embedding_init = jax.nn.initializers.normal(1.0)  # as HubertECG's label embeddings
-  keys = jax.random.split(rng, len(vocab_sizes))
-  for index, size in enumerate(vocab_sizes):
-    new_params[f"label_embedding_{index}"] = {
+  keys = jax.random.split(rng, len(config.vocab_sizes))
+  for index, size in enumerate(config.vocab_sizes):
+    kept[f"label_embedding_{index}"] = {
         "embedding": embedding_init(keys[index], (size, config.classifier_proj_size), jnp.float32)}
-  return new_config, new_params
+  return kept

@@ -8,7 +8,7 @@ batch (the mean over its selected frames, as the original), whatever the split.
 
 A batch is a dict of arrays (global shapes; each device gets batch / devices rows):
   x (batch, samples) float32, attention_mask (batch, samples) int32,
-  targets (batch, codebooks, frames) int32, mask_time_indices (batch, frames) bool.
+  targets (batch, codebooks, frames) int32, mask_time_indices (batch, frames) bool (training only).
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ AXIS = "data"
 
 
 def _frame_mask(model: HubertECG, batch: Batch) -> jax.Array:
-  frames = batch["mask_time_indices"].shape[-1]
+  frames = batch["targets"].shape[-1]
   return frame_mask_from_attention_mask(model.config, batch["attention_mask"], frames)  # (b, frames)
 
 
@@ -42,6 +42,11 @@ def _forward_sums(model: HubertECG, params: Any, batch: Batch, mask_time_indices
                     rngs=None if rng is None else {"dropout": rng})
   logits = model.apply({"params": params}, out.last_hidden_state, method=HubertECG.logits)
   return prediction_sums(logits, batch["targets"], mask_time_indices, out.frame_mask)
+
+
+def dropout_key(rng: jax.Array, step: jax.Array, axis_name: str = AXIS) -> jax.Array:
+  """This device's dropout key for `step`: differs per step and per device."""
+  return jax.random.fold_in(jax.random.fold_in(rng, step), lax.axis_index(axis_name))
 
 
 def make_train_step(model: HubertECG, optimizer: optax.GradientTransformation, alpha: float = 1.0,
@@ -72,9 +77,7 @@ def make_train_step(model: HubertECG, optimizer: optax.GradientTransformation, a
     # Frame counts of the whole global batch: every piece's loss is divided by them.
     masked_frames = lax.psum((masked & frame_mask).sum().astype(jnp.float32), axis_name)
     unmasked_frames = lax.psum((~masked & frame_mask).sum().astype(jnp.float32), axis_name)
-    # Dropout differs per step and per device; micro-batches fold in their index below.
-    step_key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step),
-                                  lax.axis_index(axis_name))
+    step_key = dropout_key(state.rng, state.step, axis_name)  # micro-batches fold in their index
 
     def loss_fn(params: Any, piece: Batch, key: jax.Array) -> tuple[jax.Array, Sums]:
       sums = _forward_sums(model, params, piece, piece["mask_time_indices"], False, key)
@@ -102,17 +105,18 @@ def make_train_step(model: HubertECG, optimizer: optax.GradientTransformation, a
     sums = lax.psum(sums, axis_name)
 
     metrics = pretraining_metrics(sums, alpha)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
     updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
     keep_new = lambda new, old: jnp.where(finite, new, old)
-    metrics.update(grad_norm=grad_norm, param_norm=optax.global_norm(state.params),
-                   update_norm=optax.global_norm(updates), finite=finite.astype(jnp.float32))
+    metrics.update(grad_norm=grad_norm, param_norm=optax.tree.norm(state.params),
+                   update_norm=optax.tree.norm(updates), finite=finite.astype(jnp.float32))
     if learning_rate is not None:
       # Skipped steps applied no update: the schedule has advanced by the others only.
       metrics["learning_rate"] = learning_rate(state.step - state.skipped_steps)
     streak = jnp.where(finite, 0, state.nonfinite_streak + 1)
+    metrics["nonfinite_streak"] = streak.astype(jnp.float32)
     new_state = state.replace(
         step=state.step + 1,
         params=jax.tree.map(keep_new, new_params, state.params),
@@ -132,7 +136,8 @@ def make_eval_step(model: HubertECG, axis_name: str = AXIS) -> Callable[[Any, Ba
   """
 
   def eval_step(params: Any, batch: Batch) -> Sums:
-    no_mask = jnp.zeros(batch["mask_time_indices"].shape, bool)
+    targets = batch["targets"]  # (batch, codebooks, frames)
+    no_mask = jnp.zeros((targets.shape[0], targets.shape[-1]), bool)
     sums = _forward_sums(model, params, batch, no_mask, True, None)
     return lax.psum(sums, axis_name)
 

@@ -1,0 +1,169 @@
+"""The training loop: resume to the bit, graceful SIGTERM, validation, best checkpoint, export."""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+
+import jax
+import numpy as np
+import pytest
+
+from hubert_ecg_jax.checkpoint import load_model
+from hubert_ecg_jax.config import HubertECGConfig
+from hubert_ecg_jax.masking import sample_span_mask
+from hubert_ecg_jax.train.checkpointing import CheckpointManager, abstract_like
+from hubert_ecg_jax.train.loop import LoopConfig, Pretrainer
+from hubert_ecg_jax.train.optimizer import OptimizerConfig
+
+TOTAL_STEPS = 30
+BATCH = 8
+CLASSES = 5
+
+
+class ToyBatches:
+  """Deterministic, resumable batches with a learnable target.
+
+  Each ECG is a noisy sinusoid of one of 5 frequencies; every frame's unit is its class, so
+  masked frames are predictable from the unmasked ones.
+  """
+
+  def __init__(self, seed: int = 0, stop_at: int | None = None, corrupt: bool = False):
+    self.index, self.seed, self.stop_at, self.corrupt = 0, seed, stop_at, corrupt
+
+  def __iter__(self):
+    return self
+
+  def batch(self, index: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng([self.seed, index])
+    classes = rng.integers(0, CLASSES, BATCH)
+    t = np.arange(6000) / 100.0
+    x = np.sin(2 * np.pi * (5 + 5 * classes[:, None]) * t) + 0.1 * rng.normal(size=(BATCH, 6000))
+    if self.corrupt:
+      x[:, 10] = np.nan
+    return {"x": x.astype(np.float32), "attention_mask": np.ones((BATCH, 6000), np.int32),
+            "targets": np.repeat(classes[:, None, None], 93, axis=2).astype(np.int32),
+            "mask_time_indices": sample_span_mask(rng, BATCH, 93),
+            "record_id": np.array([f"r{index}-{i}" for i in range(BATCH)])}  # extra keys are fine
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    if self.index == self.stop_at:
+      os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler would, in the middle of the run
+    self.index += 1
+    return self.batch(self.index - 1)
+
+  def save(self, path: str) -> None:
+    pathlib.Path(path).write_text(json.dumps(self.index))
+
+  def restore(self, path: str) -> None:
+    self.index = json.loads(pathlib.Path(path).read_text())
+
+
+def _validation():
+  return [ToyBatches(seed=99).batch(i) for i in range(2)]
+
+
+@pytest.fixture(scope="module")
+def trainer():
+  # Dropout and layerdrop on: the resumed run must draw the same random numbers.
+  config = HubertECGConfig.preset("tiny", num_hidden_layers=1, hidden_dropout=0.1, layerdrop=0.3)
+  optimizer = OptimizerConfig(total_steps=TOTAL_STEPS, learning_rate=1e-2, grad_clip_norm=1.0)
+  loop = LoopConfig(total_steps=TOTAL_STEPS, log_every=5, val_every=10, checkpoint_every=5,
+                    keep_last=2, keep_best=1, max_nonfinite_streak=2, progress=False)
+  lines: list[str] = []
+  pretrainer = Pretrainer(config, optimizer, loop, devices=jax.devices(), print_fn=lines.append)
+  return pretrainer, lines
+
+
+@pytest.fixture(scope="module")
+def straight_run(trainer, tmp_path_factory):
+  pretrainer, lines = trainer
+  workdir = tmp_path_factory.mktemp("straight")
+  start = len(lines)
+  result = pretrainer.run(workdir, ToyBatches(), _validation)
+  return workdir, result, lines[start:]
+
+
+def _final_state(pretrainer: Pretrainer, workdir: pathlib.Path):
+  manager = CheckpointManager(workdir / "checkpoints")
+  state = manager.restore(pretrainer._abstract_state())
+  manager.close()
+  return jax.tree.map(np.asarray, state)
+
+
+def test_loss_falls_on_a_learnable_target(straight_run) -> None:
+  _, result, lines = straight_run
+  losses = [float(line.split("loss ")[1].split(",")[0]) for line in lines
+            if line.startswith("[train]")]
+  assert result.stop_reason == "finished" and result.step == TOTAL_STEPS
+  assert len(losses) == 1 + TOTAL_STEPS // 5  # step 1, then every 5
+  # From chance over 100 units (ln 100 = 4.6) to well below chance over the 5 classes (ln 5 = 1.6).
+  assert losses[0] > 4.0 and losses[-1] < 0.8, losses
+  assert result.val_loss < 0.8
+  assert any(line.startswith("[val] step 10: accuracy") for line in lines)
+  assert "ecg_per_s" in result.metrics
+
+
+def test_stop_by_sigterm_and_resume_is_bit_identical(trainer, straight_run, tmp_path) -> None:
+  pretrainer, lines = trainer
+  straight_dir, _, _ = straight_run
+  first = pretrainer.run(tmp_path, ToyBatches(stop_at=13), _validation)
+  assert first.stop_reason == "SIGTERM" and first.step == 14 and first.model_dir is None
+  assert any("SIGTERM received: checkpointed step 14" in line for line in lines)
+  second = pretrainer.run(tmp_path, ToyBatches(), _validation)  # a new iterator, from index 0
+  assert second.stop_reason == "finished" and second.step == TOTAL_STEPS
+  assert any(line.startswith("resumed from step 14") for line in lines)
+  resumed, straight = _final_state(pretrainer, tmp_path), _final_state(pretrainer, straight_dir)
+  assert jax.tree.structure(resumed) == jax.tree.structure(straight)
+  for ours, theirs in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight)):
+    np.testing.assert_array_equal(ours, theirs)
+  assert second.val_loss == straight_run[1].val_loss
+
+
+def test_checkpoints_keep_last_and_best_and_models_are_exported(trainer, straight_run) -> None:
+  pretrainer, _ = trainer
+  workdir, result, lines = straight_run
+  val_losses = {int(line.split()[2][:-1]): float(line.split("loss ")[1].split(",")[0])
+                for line in lines if line.startswith("[val]")}
+  assert sorted(val_losses) == [10, 20, 30]
+  best = min(val_losses, key=val_losses.get)
+  manager = CheckpointManager(workdir / "checkpoints")
+  assert manager.best_step == best
+  assert manager.steps == sorted({25, 30, best})
+  manager.close()
+  config, params, metadata = load_model(workdir / "model")
+  assert config == pretrainer.model_config and metadata["step"] == TOTAL_STEPS
+  final = _final_state(pretrainer, workdir)
+  for ours, theirs in zip(jax.tree.leaves(params), jax.tree.leaves(final.params)):
+    np.testing.assert_array_equal(ours, theirs)
+  assert load_model(workdir / "model_best")[2]["step"] == best
+  assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_stops_after_non_finite_steps_in_a_row(trainer, tmp_path) -> None:
+  pretrainer, lines = trainer
+  result = pretrainer.run(tmp_path, ToyBatches(corrupt=True))
+  assert result.stop_reason == "nonfinite" and result.step <= 3
+  assert any("2 steps in a row had a non-finite loss" in line for line in lines)
+  state = _final_state(pretrainer, tmp_path)
+  fresh = jax.tree.map(np.asarray, pretrainer._new_state(None))
+  for ours, theirs in zip(jax.tree.leaves(state.params), jax.tree.leaves(fresh.params)):
+    np.testing.assert_array_equal(ours, theirs)
+  assert int(state.skipped_steps) == result.step
+
+
+def test_batches_are_checked_with_clear_errors(trainer) -> None:
+  pretrainer, _ = trainer
+  batch = ToyBatches().batch(0)
+  with pytest.raises(ValueError, match=r"batch lacks \['mask_time_indices'\]"):
+    pretrainer.check_batch({k: v for k, v in batch.items() if k != "mask_time_indices"}, True)
+  bad = dict(batch, targets=batch["targets"] + 100)
+  with pytest.raises(ValueError, match=r"codebook 0 must lie in \[0, 100\), found units from 100"):
+    pretrainer.check_batch(bad, True)
+  with pytest.raises(ValueError, match="x must be float32"):
+    pretrainer.check_batch(dict(batch, x=batch["x"].astype(np.float64)), True)
+  with pytest.raises(ValueError, match=r"targets must have shape \(8, 1, 93\)"):
+    pretrainer.check_batch(dict(batch, targets=batch["targets"][:, :, :90]), True)
+  with pytest.raises(ValueError, match="learning-rate schedule is for 10 steps but the run is 30"):
+    Pretrainer(pretrainer.model_config, OptimizerConfig(total_steps=10), pretrainer.loop)
