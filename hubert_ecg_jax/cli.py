@@ -20,6 +20,7 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("bench", "bench", "benchmark forward pass or train step against PyTorch"),
     ("preprocess", "preprocess", "prepare ECG records into sharded TFRecord files (resumable)"),
     ("cluster", "cluster", "fit k-means pre-training targets on feature arrays, with a K sweep"),
+    ("pretrain", "pretrain", "pre-train HuBERT-ECG by masked prediction (data-parallel, resumable)"),
     ("labels-template", "labels_template", "write the labels CSV template for a folder of ECG records"),
 )
 
