@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pathlib
 import platform
 import subprocess
 import sys
@@ -114,6 +115,15 @@ def measure(directory: str, cores: int, batch_size: int, batches: int, warmup: i
   return rows
 
 
+def _processor_name() -> str:
+  cpuinfo = pathlib.Path("/proc/cpuinfo")
+  if cpuinfo.is_file():
+    for line in cpuinfo.read_text().splitlines():
+      if line.startswith("model name"):
+        return line.split(":", 1)[1].strip()
+  return platform.processor() or platform.machine()
+
+
 def _child_command(args: argparse.Namespace, directory: str, cores: int) -> list[str]:
   return [sys.executable, os.path.abspath(__file__), "--data", directory, "--child-cores", str(cores),
           "--batch-size", str(args.batch_size), "--batches", str(args.batches),
@@ -156,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
       result = subprocess.run(_child_command(args, directory, cores), env=env, check=True,
                               stdout=subprocess.PIPE, text=True)
       rows += json.loads(result.stdout.strip().splitlines()[-1])
-  machine = {"processor": platform.processor() or platform.machine(), "cores_available": len(available),
+  machine = {"processor": _processor_name(), "cores_available": len(available),
              "batch_size": args.batch_size, "records": args.records, "target_per_core": 1500}
   if args.json:
     print(json.dumps({"machine": machine, "rows": rows}, indent=1))
