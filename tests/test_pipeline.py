@@ -198,3 +198,20 @@ def test_bad_configurations_are_refused(data):
     P.make_train_iterator(root / "single", _config(process_index=1, process_count=2))
   with pytest.raises(ValueError, match="seed must be non-negative"):
     _config(seed=-1)
+
+
+def test_benchmark_program_runs(capsys):
+  import importlib.util
+  import json
+  import pathlib
+
+  path = pathlib.Path(__file__).resolve().parents[1] / "tools" / "bench_pipeline.py"
+  spec = importlib.util.spec_from_file_location("bench_pipeline", path)
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  assert bench.main(["--records", "24", "--unique", "3", "--shards", "2", "--batch-size", "8",
+                     "--batches", "2", "--warmup", "1", "--cores", "1", "--json"]) == 0
+  report = json.loads(capsys.readouterr().out)
+  assert [row["path"] for row in report["rows"]][:3] == [
+      "pretrain (full pipeline)", "finetune (full pipeline)", "windows only (no online)"]
+  assert all(row["ecg_per_cpu_s"] > 0 for row in report["rows"])
