@@ -1,18 +1,30 @@
-"""hubert-ecg-jax: HuBERT-ECG, the self-supervised 12-lead ECG foundation model, in JAX/Flax."""
+"""hubert-ecg-jax: HuBERT-ECG, the self-supervised 12-lead ECG foundation model, in JAX/Flax.
+
+The public names are imported on first use, so that `import hubert_ecg_jax.data...` in worker
+processes does not pay for importing JAX and Flax.
+"""
 from __future__ import annotations
 
-from hubert_ecg_jax.config import HubertECGConfig
-from hubert_ecg_jax.model import HubertECG, HubertECGOutput
-from hubert_ecg_jax.pretrained import export_hf_directory, load_pretrained
+import importlib
 
-__all__ = ["HubertECGConfig", "HubertECG", "HubertECGOutput", "load_pretrained",
-           "export_hf_directory", "preprocess_ecg"]
 __version__ = "0.1.0"
+
+_PUBLIC = {
+    "HubertECGConfig": "hubert_ecg_jax.config",
+    "HubertECG": "hubert_ecg_jax.model",
+    "HubertECGOutput": "hubert_ecg_jax.model",
+    "load_pretrained": "hubert_ecg_jax.pretrained",
+    "export_hf_directory": "hubert_ecg_jax.pretrained",
+    "preprocess_ecg": "hubert_ecg_jax.data.preprocess",
+}
+__all__ = list(_PUBLIC)
 
 
 def __getattr__(name: str):
-  # `preprocess_ecg` pulls in scipy; import it on first use.
-  if name == "preprocess_ecg":
-    from hubert_ecg_jax.data.preprocess import preprocess_ecg
-    return preprocess_ecg
+  if name in _PUBLIC:
+    return getattr(importlib.import_module(_PUBLIC[name]), name)
   raise AttributeError(f"module 'hubert_ecg_jax' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+  return sorted(list(globals()) + __all__)
