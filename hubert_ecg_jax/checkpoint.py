@@ -27,6 +27,17 @@ def is_model_dir(path: str | pathlib.Path) -> bool:
   return (path / CONFIG_FILE).is_file() and (path / PARAMS_DIR).is_dir()
 
 
+def make_parent_folder(directory: str | pathlib.Path) -> None:
+  """Creates the folder that will hold `directory`; refuses a path through a file or a read-only folder."""
+  parent = pathlib.Path(directory).absolute().parent
+  existing = next(path for path in (parent, *parent.parents) if path.exists())
+  if not existing.is_dir():
+    raise FileExistsError(f"cannot write {directory}: {existing} is a file, expected a folder there")
+  if not os.access(existing, os.W_OK):
+    raise PermissionError(f"cannot write {directory}: the folder {existing} is not writable")
+  parent.mkdir(parents=True, exist_ok=True)
+
+
 def save_model(directory: str | pathlib.Path, config: HubertECGConfig, params: Any,
                metadata: dict[str, Any] | None = None, overwrite: bool = False) -> pathlib.Path:
   """Writes the model to `directory` atomically: a crash leaves either nothing or a complete model."""
@@ -35,9 +46,9 @@ def save_model(directory: str | pathlib.Path, config: HubertECGConfig, params: A
   directory = pathlib.Path(directory).absolute()
   if directory.exists() and not overwrite:
     raise FileExistsError(f"{directory} already exists: choose another output or pass overwrite")
-  directory.parent.mkdir(parents=True, exist_ok=True)
-  if not os.access(directory.parent, os.W_OK):
-    raise PermissionError(f"cannot write into {directory.parent}: the folder is not writable")
+  if directory.exists() and not directory.is_dir():
+    raise FileExistsError(f"{directory} is a file: expected a model directory to replace")
+  make_parent_folder(directory)
   staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
   try:
     host_params = jax.tree_util.tree_map(lambda a: np.asarray(a, dtype=np.float32), params)

@@ -94,7 +94,7 @@ def _torch_load(path: pathlib.Path) -> Any:
     unsafe = serialization.get_unsafe_globals_in_checkpoint(str(path))
   except Exception as error:
     raise ValueError(f"{path} is not a readable PyTorch checkpoint: {error}") from None
-  refused = [name for name in unsafe if name.rsplit(".", 1)[-1] not in _CONFIG_CLASS_NAMES]
+  refused = sorted(name for name in unsafe if name.rsplit(".", 1)[-1] not in _CONFIG_CLASS_NAMES)
   if refused:
     raise ValueError(f"{path} contains pickled objects other than the model config, refused for "
                      f"safety: {refused}")
@@ -116,10 +116,13 @@ def params_from_state_dict(config: HubertECGConfig, state_dict: dict[str, Any],
                            source: str = "checkpoint") -> tuple[dict, dict]:
   """Converts and validates: (HubertECG params, classifier-head params or {})."""
   backbone, classifier = state_dict_to_flax(state_dict)
-  has_heads = any(k.startswith(("final_proj_", "label_embedding_")) for k in backbone)
-  check_params(backbone, expected_params(config, pretraining_heads=has_heads),
+  check_params(backbone, expected_params(config, pretraining_heads=_has_pretraining_heads(backbone)),
                f"the weights in {source}")
   return backbone, classifier
+
+
+def _has_pretraining_heads(params: dict) -> bool:
+  return any(k.startswith(("final_proj_", "label_embedding_")) for k in params)
 
 
 def load_pretrained(path: str | pathlib.Path, compute_dtype: str | None = None
@@ -138,10 +141,13 @@ def load_pretrained_with_heads(path: str | pathlib.Path) -> tuple[HubertECGConfi
     raise FileNotFoundError(f"{path} does not exist")
   if path.is_dir() and checkpoint.is_model_dir(path):
     config, params, _ = checkpoint.load_model(path)
+    heads = {}
     if "hubert_ecg" in params:  # a fine-tuned classifier saved by us
       heads = {k: v for k, v in params.items() if k != "hubert_ecg"}
-      return config, params["hubert_ecg"], heads
-    return config, params, {}
+      params = params["hubert_ecg"]
+    check_params(params, expected_params(config, pretraining_heads=_has_pretraining_heads(params)),
+                 f"the params in {path}")
+    return config, params, heads
   if path.is_dir():
     config, state_dict = read_hf_directory(path)
   elif path.suffix in (".pt", ".pth", ".ckpt"):
@@ -163,16 +169,27 @@ def export_hf_directory(config: HubertECGConfig, params: dict, directory: str | 
   from safetensors.numpy import save_file
 
   directory = pathlib.Path(directory)
+  if directory.exists() and not directory.is_dir():
+    raise FileExistsError(f"{directory} is a file: expected a folder (new or empty) for the model")
   if directory.exists() and any(directory.iterdir()) and not overwrite:
     raise FileExistsError(f"{directory} exists and is not empty: choose another output or overwrite")
   state_dict = flax_to_state_dict(params, weight_norm=weight_norm)
-  directory.mkdir(parents=True, exist_ok=True)
+  checkpoint.make_parent_folder(directory)
+  directory.mkdir(exist_ok=True)
   hf_config = config.to_hf_dict()
   hf_config.setdefault("architectures", ["HuBERTECG"])
   # The released `auto_map` points at the original's remote code, which is not shipped here.
   hf_config.pop("auto_map", None)
-  tmp = directory / "model.safetensors.tmp"
-  save_file(state_dict, str(tmp), metadata={"format": "pt"})
-  tmp.replace(directory / "model.safetensors")
-  (directory / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+  # Both files are written to temporary names first and renamed only when both are complete, so an
+  # interrupted export (a full disk) leaves no half-written file and an earlier export intact.
+  staged = [directory / "model.safetensors.tmp", directory / "config.json.tmp"]
+  try:
+    save_file(state_dict, str(staged[0]), metadata={"format": "pt"})
+    staged[1].write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+    staged[0].replace(directory / "model.safetensors")
+    staged[1].replace(directory / "config.json")
+  except BaseException:
+    for path in staged:
+      path.unlink(missing_ok=True)
+    raise
   return directory

@@ -23,6 +23,10 @@ lead's NaN samples by linear interpolation in time between its nearest valid sam
 beyond the first/last valid sample) before filtering; a lead that is entirely NaN is refused either way.
 Infinite values are always refused. The online NaN fill of `model_input` is the original's.
 
+Flat leads. A lead that is constant over the whole record (a lead that was not recorded, as in some
+CinC 2021 records) is kept, as the original keeps it: it scales to -1. A record whose 12 leads are all
+flat holds no ECG and is refused.
+
 Attention mask. The original marks the 100-Hz columns between the first and last column in which any
 lead is non-zero. Here the non-zero test runs on the 500-Hz window before decimation (a column is
 non-zero if any of its 5 samples in any lead is), because decimation's IIR filter smears tiny non-zero
@@ -138,9 +142,10 @@ def _validated_signal(signal: np.ndarray, fs: float, nan_policy: NanPolicy) -> n
   if nan_policy not in ("refuse", "interpolate"):
     raise ValueError(f"nan_policy must be 'refuse' or 'interpolate', got {nan_policy!r}")
   signal = signal.astype(np.float64)
-  if np.isinf(signal).any():
-    leads = [STANDARD_LEADS[i] for i in np.flatnonzero(np.isinf(signal).any(axis=1))]
-    raise ValueError(f"signal contains infinite values in leads {leads}")
+  infinite = np.isinf(signal)
+  if infinite.any():
+    leads = [STANDARD_LEADS[i] for i in np.flatnonzero(infinite.any(axis=1))]
+    raise ValueError(f"expected finite samples, found {int(infinite.sum())} infinite values in leads {leads}")
   nan = np.isnan(signal)
   if nan.any():
     all_nan = [STANDARD_LEADS[i] for i in np.flatnonzero(nan.all(axis=1))]
@@ -179,6 +184,10 @@ def prepare_record(
     filtered = _bandpass(_resample_to_target(signal, fs), TARGET_FS)
   else:
     filtered = _resample_to_target(_bandpass(signal, fs), fs)
+  if (signal == signal[:, :1]).all():
+    raise ValueError(
+        f"all 12 leads are flat (each one constant over the {signal.shape[-1]} samples): expected "
+        "an ECG with a varying signal in at least one lead")
   low = filtered.min(axis=-1, keepdims=True)
   high = filtered.max(axis=-1, keepdims=True)
   scaled = 2.0 * (filtered - low) / (high - low + MINMAX_EPS) - 1.0
@@ -242,8 +251,10 @@ def _check_windows(windows: np.ndarray) -> np.ndarray:
   if windows.ndim != 3 or windows.shape[1:] != (len(STANDARD_LEADS), WINDOW_SAMPLES):
     raise ValueError(
         f"expected windows of shape (batch, 12, {WINDOW_SAMPLES}), got {windows.shape}")
-  if np.isinf(windows).any():
-    raise ValueError("windows contain infinite values")
+  infinite = np.isinf(windows)
+  if infinite.any():
+    raise ValueError(f"expected finite window values, found {int(infinite.sum())} infinite values in "
+                     f"windows {np.flatnonzero(infinite.any(axis=(1, 2))).tolist()}")
   return windows
 
 

@@ -158,6 +158,11 @@ class EcgFolder(tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     root = Path(dl_manager.manual_dir)
     table = read_labels_csv(root / self.builder_config.labels_csv)
+    missing = [record for record in table.records if not (root / record).is_file()]
+    if missing:
+      raise FileNotFoundError(
+          f"{root / self.builder_config.labels_csv} lists {len(missing)} record(s) not found under "
+          f"{root}: {missing[:5]}; expected paths relative to the manual dir")
     self.info.features["label_ids"].feature.names = list(table.label_names)
     self.info.metadata.update({"label_names": list(table.label_names), "fs": TARGET_FS,
                                "lead_names": list(STANDARD_LEADS), "order": self.builder_config.order})
