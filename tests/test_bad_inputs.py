@@ -277,6 +277,16 @@ def test_config_override_with_unknown_key_or_bad_value(override, message):
     apply_overrides(pretraining_config("tiny"), [override])
 
 
+def test_pretrain_command_refuses_unknown_overrides_and_configs(tmp_path, capsys):
+  workdir = str(tmp_path / "run")
+  err = _cli_error(capsys, ["pretrain", "demo_pretrain", workdir, "--print-config",
+                            "--config.train.totl_steps=10"])
+  assert "unknown config key 'train.totl_steps': train has [" in err and "'total_steps'" in err
+  err = _cli_error(capsys, ["pretrain", "pretrain_huge", workdir, "--print-config"])
+  assert "no config file 'pretrain_huge': give a path to a .py file with get_config() or one of [" in err
+  assert not (tmp_path / "run").exists()
+
+
 # --------------------------------------------------------------------------------------------------
 # Checkpoints of another size or another model, and unsafe pickles.
 
@@ -460,10 +470,14 @@ def test_full_disk_while_exporting_keeps_the_previous_export(tmp_path, params, m
   assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
-def test_full_disk_during_a_training_checkpoint(tmp_path):
+def test_full_disk_during_a_training_checkpoint(tmp_path, monkeypatch):
   """A checkpoint cut short is never listed or restored; the next save of that step replaces it."""
+  import tempfile
+
   from hubert_ecg_jax.train.checkpointing import CheckpointManager, DataPosition, abstract_like
 
+  (tmp_path / "tmp").mkdir()  # DataPosition stages in the temp folder: keep what a failure leaves here
+  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
   position = {"batches": 0}
 
   def save(path):
