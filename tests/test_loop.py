@@ -167,3 +167,26 @@ def test_batches_are_checked_with_clear_errors(trainer) -> None:
     pretrainer.check_batch(dict(batch, targets=batch["targets"][:, :, :90]), True)
   with pytest.raises(ValueError, match="learning-rate schedule is for 10 steps but the run is 30"):
     Pretrainer(pretrainer.model_config, OptimizerConfig(total_steps=10), pretrainer.loop)
+
+
+def test_pretrain_command_on_records(tmp_path, capsys) -> None:
+  from hubert_ecg_jax.cli import main
+  from hubert_ecg_jax.data import records
+
+  rng = np.random.default_rng(0)
+  stored = [records.StoredRecord(
+      record_id=f"r{i}", source=f"r{i}.hea", labels=np.zeros(1, np.float32), source_fs=500.0,
+      signal=rng.normal(size=(12, 2500)).astype(np.float32),
+      targets=rng.integers(0, 100, (1, 93)).astype(np.int32)) for i in range(12)]
+  records.write_records(tmp_path / "records", stored, ["none"], num_shards=2)
+  overrides = [f"--config.data.train_dir={tmp_path / 'records'}",
+               f"--config.data.val_dir={tmp_path / 'records'}", "--config.data.batch_size=8",
+               "--config.train.total_steps=2", "--config.train.progress=false"]
+  assert main(["pretrain", "demo_pretrain", str(tmp_path / "run"), *overrides]) == 0
+  out = capsys.readouterr().out
+  assert "[train] step 2:" in out and "[val] step 2:" in out
+  config, _, metadata = load_model(tmp_path / "run" / "model")
+  assert config.hidden_size == 32 and metadata["step"] == 2
+  assert main(["pretrain", "demo_pretrain", str(tmp_path / "run2"), *overrides,
+               "--config.model.vocab_sizes=100,100"]) == 1
+  assert "records in" in capsys.readouterr().err

@@ -48,10 +48,13 @@ def pretrain_from_config(config: Any, workdir: str) -> Any:
     raise ValueError("set the training records: --config.data.train_dir=RECORDS (written by `targets`)")
   manifest = records.read_manifest(d.train_dir)
   record_vocab = tuple(manifest.targets_info.get("vocab_sizes", ()))
-  if tuple(m.vocab_sizes) != record_vocab:
+  if record_vocab and tuple(m.vocab_sizes) != record_vocab:
     raise ValueError(f"config.model.vocab_sizes is {tuple(m.vocab_sizes)} but the records in "
                      f"{d.train_dir} have targets with K = {record_vocab}: set "
                      f"--config.model.vocab_sizes={','.join(map(str, record_vocab))} or use other records")
+  if manifest.target_codebooks not in (0, len(m.vocab_sizes)):  # 0: the pipeline explains
+    raise ValueError(f"the records in {d.train_dir} have {manifest.target_codebooks} target codebooks "
+                     f"but config.model.vocab_sizes has {len(m.vocab_sizes)}: {tuple(m.vocab_sizes)}")
   model_config = HubertECGConfig.preset(
       m.size, m.downsampling, vocab_sizes=tuple(m.vocab_sizes), compute_dtype=m.compute_dtype,
       hidden_dropout=m.dropout, attention_dropout=m.dropout, activation_dropout=m.dropout,

@@ -5,6 +5,7 @@ optimizer state, the step count, the base RNG key, and the non-finite-step count
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.struct
@@ -29,11 +30,15 @@ class TrainState:
   skipped_steps: jax.Array  # int32 (): all steps skipped so far
 
 
-def init_params(config: HubertECGConfig, rng: jax.Array, num_samples: int = ECG_SAMPLES) -> Any:
-  """Fresh parameters of `HubertECG(config)` with its pretraining heads."""
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _init_params(config: HubertECGConfig, rng: jax.Array, num_samples: int) -> Any:
   model = HubertECG(config)
-  init = jax.jit(lambda key: model.init({"params": key}, jnp.zeros((1, num_samples), jnp.float32)))
-  return init(rng)["params"]
+  return model.init({"params": rng}, jnp.zeros((1, num_samples), jnp.float32))["params"]
+
+
+def init_params(config: HubertECGConfig, rng: jax.Array, num_samples: int = ECG_SAMPLES) -> Any:
+  """Fresh parameters of `HubertECG(config)` with its pretraining heads (compiled once per config)."""
+  return _init_params(config, rng, num_samples)
 
 
 def create_train_state(params: Any, optimizer: optax.GradientTransformation,

@@ -1,0 +1,116 @@
+"""Train-step benchmark: our jitted masked-prediction AdamW step (float32, and bf16 compute with
+float32 accumulation and parameters) against the PyTorch original's step on `transformers`'
+HubertModel with the same weights, the same batch and the same objective, interleaved in one run.
+
+Both sides run what pre-training runs: dropout 0.1, the span masks replaced by the mask
+embedding, cosine logits / 0.1, cross-entropy on the masked frames, AdamW. Layerdrop is off on
+both sides: PyTorch skips the dropped layers' work at random, which would make the figures noisy.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from hubert_ecg_jax.bench_forward import interleaved_medians
+from hubert_ecg_jax.config import HubertECGConfig
+from hubert_ecg_jax.flops import peak_flops, train_step_flops
+from hubert_ecg_jax.masking import sample_span_mask
+from hubert_ecg_jax.model import HubertECG
+from hubert_ecg_jax.train.launchers import MeshLauncher
+from hubert_ecg_jax.train.optimizer import OptimizerConfig, make_optimizer
+from hubert_ecg_jax.train.state import ECG_SAMPLES, create_train_state, init_params
+from hubert_ecg_jax.train.step import make_eval_step, make_train_step
+
+# The original's AdamW; a long schedule so the learning rate is not 0 in the timed steps.
+OPTIMIZER = OptimizerConfig(total_steps=1_000_000, warmup_fraction=0.0)
+
+
+def benchmark_batch(config: HubertECGConfig, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+  """ECG-like inputs, no padding, pre-training span masks and random units."""
+  rng = np.random.default_rng(seed)
+  walk = np.cumsum(rng.normal(size=(batch, ECG_SAMPLES)), axis=1)
+  walk -= walk.min(axis=1, keepdims=True)
+  x = (2 * walk / walk.max(axis=1, keepdims=True) - 1).astype(np.float32)
+  frames = config.num_frames(ECG_SAMPLES)
+  return {"x": x, "attention_mask": np.ones((batch, ECG_SAMPLES), np.int32),
+          "targets": np.stack([rng.integers(0, v, (batch, frames)) for v in config.vocab_sizes],
+                              axis=1).astype(np.int32),
+          "mask_time_indices": sample_span_mask(rng, batch, frames)}
+
+
+def _jax_step(config: HubertECGConfig, params: Any, batch: dict[str, np.ndarray]) -> Callable[[], None]:
+  """One jitted train step on one device, state donated and carried from call to call."""
+  model = HubertECG(config)
+  optimizer = make_optimizer(OPTIMIZER)
+  launcher = MeshLauncher(make_train_step(model, optimizer), make_eval_step(model),
+                          jax.devices()[:1])
+  state = launcher.place_state(create_train_state(params, optimizer, jax.random.PRNGKey(1)))
+  placed = launcher.place_batch(batch)
+
+  def step() -> None:
+    nonlocal state
+    state, metrics = launcher.train_step(state, placed)
+    jax.block_until_ready((state, metrics))
+
+  return step
+
+
+def _torch_step(config: HubertECGConfig, params: Any, batch: dict[str, np.ndarray]) -> Callable[[], None]:
+  """The original's step: HubertModel (sdpa attention) + heads, masked CE, torch AdamW."""
+  import torch
+  import torch.nn.functional as F
+
+  from hubert_ecg_jax.torch_reference import TorchHubertECG
+
+  model = TorchHubertECG(config, attn_implementation="sdpa")
+  model.load_flax_params(jax.tree.map(np.asarray, params))
+  model.train()
+  optimizer = torch.optim.AdamW(model.parameters(), lr=OPTIMIZER.learning_rate,
+                                betas=(OPTIMIZER.b1, OPTIMIZER.b2), eps=OPTIMIZER.eps,
+                                weight_decay=OPTIMIZER.weight_decay)
+  x = torch.from_numpy(batch["x"])
+  attention_mask = torch.from_numpy(batch["attention_mask"]).long()
+  masked = torch.from_numpy(batch["mask_time_indices"])
+  targets = torch.from_numpy(batch["targets"]).long()
+
+  def step() -> None:
+    optimizer.zero_grad(set_to_none=True)
+    out = model.hubert(x, attention_mask=attention_mask, mask_time_indices=masked)
+    logits = model.logits(out.last_hidden_state)
+    loss = sum(F.cross_entropy(l[masked], targets[:, i][masked]) for i, l in enumerate(logits))
+    loss.backward()
+    optimizer.step()
+
+  return step
+
+
+def run_train_benchmark(size: str = "base", batch: int = 8, repeats: int = 5,
+                        with_torch: bool = True) -> dict[str, Any]:
+  """ECG/s of the train step: `jax_fp32`, `jax_bf16` and `torch_fp32`, medians of interleaved runs."""
+  config = HubertECGConfig.preset(size, layerdrop=0.0)
+  data = benchmark_batch(config, batch)
+  params = init_params(config, jax.random.PRNGKey(0))
+  candidates: dict[str, Callable[[], None]] = {
+      "jax_fp32": _jax_step(config, params, data),
+      "jax_bf16": _jax_step(config.replace(compute_dtype="bfloat16"), params, data),
+  }
+  if with_torch:
+    candidates["torch_fp32"] = _torch_step(config, params, data)
+  seconds = interleaved_medians(candidates, repeats)
+  flops = train_step_flops(config)
+  device = jax.devices()[0]
+  peak = peak_flops(device.device_kind)
+  result: dict[str, Any] = {"size": size, "batch": batch, "repeats": repeats,
+                            "device": device.device_kind, "gflop_per_ecg": flops / 1e9}
+  for name, secs in seconds.items():
+    result[f"{name}_ecg_per_s"] = batch / secs
+    result[f"{name}_gflop_per_s"] = batch * flops / secs / 1e9
+  if peak:
+    result["jax_bf16_mfu"] = batch * flops / seconds["jax_bf16"] / peak
+    result["jax_fp32_mfu"] = batch * flops / seconds["jax_fp32"] / peak
+  if "torch_fp32" in seconds:
+    for name in ("jax_fp32", "jax_bf16"):
+      result[f"{name}_vs_torch"] = seconds["torch_fp32"] / seconds[name]
+  return result
