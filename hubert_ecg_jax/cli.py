@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     return 2
   try:
     result = args.func(args)
-  except (ValueError, FileNotFoundError, FileExistsError, PermissionError) as error:
+  except (ValueError, OSError) as error:  # bad input, missing files, full disk: a message, not a traceback
     print(f"hubert-ecg-jax {args.command}: error: {error}", file=sys.stderr)
     return 1
   return int(result or 0)
