@@ -22,6 +22,10 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("cluster", "cluster", "fit k-means pre-training targets on feature arrays, with a K sweep"),
     ("pretrain", "pretrain", "pre-train HuBERT-ECG by masked prediction (data-parallel, resumable)"),
     ("labels-template", "labels_template", "write the labels CSV template for a folder of ECG records"),
+    ("finetune", "finetune", "fine-tune or linear-probe on labelled ECGs, with early stopping and a test report"),
+    ("evaluate", "evaluate", "metrics, bootstrap intervals and plots of a fine-tuned model on a test set"),
+    ("predict", "predict", "label probabilities (and ECG plots) for ECG files with a fine-tuned model"),
+    ("embed", "embed", "deterministic embeddings (mean-pooled or per frame, any layer) to .npy"),
 )
 
 

@@ -87,6 +87,9 @@ def load_classifier(path: str | pathlib.Path) -> Classifier:
     thresholds = metadata.get("thresholds")
     return Classifier(config, params, task, None if thresholds is None else np.asarray(thresholds),
                       metadata.get("classifier_hidden_size"), metadata)
+  if path.is_dir() and not (path / checkpoint.CONFIG_FILE).is_file():
+    raise FileNotFoundError(f"{path} is not a fine-tuned model: expected a directory written by "
+                            "`hubert-ecg-jax finetune` (config.json, params/, metadata.json)")
   config, backbone, heads = load_pretrained_with_heads(path)
   if "classifier" not in heads:
     raise ValueError(f"{path} holds no classifier head: expected a fine-tuned model (a directory "
@@ -189,7 +192,7 @@ def window_offsets(num_samples: int, crop: str, n_crops: int = 1,
     raise ValueError(f"crop must be one of {CROP_MODES}, found {crop!r}")
   if crop == "cover":
     return crop_offsets(num_samples, "tta", n_crops=max(1, math.ceil(num_samples / WINDOW_SAMPLES)))
-  return crop_offsets(num_samples, crop, rng=rng, n_crops=n_crops)
+  return crop_offsets(num_samples, crop, rng=rng, n_crops=1 if crop == "first" else n_crops)
 
 
 def record_windows(prepared: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,274 @@
+"""The train / val / test data of a fine-tuning run, always as records directories.
+
+Three sources (`DataConfig.source`), all ending as records directories (the format `hubert-ecg-jax
+preprocess` writes, read by the tf.data pipeline):
+
+- "records": `train`, `val`, `test` are records directories, one per split (`preprocess` each split's
+  records into its own directory; labels may differ between them and are matched by name).
+- "split_csv": `train`, `val`, `test` are the original's reproducibility split CSVs (file name,
+  metadata columns, one column per label from `label_start_index`); file names are relative to
+  `records_dir` (as the original's `ecg_dir_path`) unless absolute. Each split is prepared once
+  (`prepare_record`) into `<workdir>/data/<split>` and reused while the CSV and settings are unchanged.
+- "tfds": `train`, `val`, `test` are split names of the TensorFlow Datasets builder `tfds_name`
+  (e.g. "ptb_xl/superdiag" with splits train / validation / test; "ecg_folder" for a folder plus a
+  labels CSV), prepared once by TFDS (from `manual_dir`) and copied into `<workdir>/data/<split>`.
+
+`val` is required (early stopping and thresholds); `test` is optional.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import multiprocessing
+import os
+import pathlib
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import numpy as np
+
+from hubert_ecg_jax.data import records as records_lib
+
+SOURCES = ("records", "split_csv", "tfds")
+SPLITS = ("train", "val", "test")
+RECORDS_PER_SHARD = 512
+_RECORD_SUFFIXES = (".hea", ".npy", ".mat", ".dat", ".csv")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Where the splits come from (see the module docstring)."""
+  source: str = "records"
+  train: str = ""
+  val: str = ""
+  test: str = ""
+  records_dir: str = ""  # split_csv: the folder CSV file names are relative to
+  label_start_index: int = 3  # split_csv: 3; 4 for PTB-XL and SPH; 6 for SaMi-Trop
+  fs: float | None = None  # split_csv: sampling rate of .npy / .csv records (they do not store it)
+  tfds_name: str = ""  # tfds: builder/config, e.g. "ptb_xl/superdiag"
+  tfds_data_dir: str = ""  # tfds: where TFDS keeps prepared datasets ("" = its default)
+  manual_dir: str = ""  # tfds: the downloaded dataset (PTB-XL folder, records + labels.csv)
+  workers: int = 0  # split_csv: processes preparing records (0 = all cores)
+
+  def __post_init__(self) -> None:
+    if self.source not in SOURCES:
+      raise ValueError(f"data.source must be one of {SOURCES}, found {self.source!r}")
+    missing = [name for name in ("train", "val") if not getattr(self, name)]
+    if missing:
+      raise ValueError(f"set the {' and '.join(missing)} data: --config.data.{missing[0]}=... "
+                       f"({_WHAT[self.source]})")
+    if self.source == "split_csv" and not self.records_dir:
+      raise ValueError("data.source 'split_csv' needs data.records_dir, the folder the CSV file "
+                       "names are relative to")
+    if self.source == "tfds" and not self.tfds_name:
+      raise ValueError("data.source 'tfds' needs data.tfds_name, e.g. 'ptb_xl/superdiag'")
+
+  def splits(self) -> dict[str, str]:
+    return {name: getattr(self, name) for name in SPLITS if getattr(self, name)}
+
+
+_WHAT = {"records": "a records directory written by `hubert-ecg-jax preprocess`",
+         "split_csv": "a split CSV (file name, metadata, label columns)",
+         "tfds": "a TFDS split name such as train / validation / test"}
+
+
+def resolve_splits(config: DataConfig, workdir: str | os.PathLike, progress: bool = True
+                   ) -> dict[str, pathlib.Path]:
+  """Split name -> records directory, preparing split CSVs and TFDS splits into `workdir/data`."""
+  workdir = pathlib.Path(workdir)
+  resolved = {}
+  for split, value in config.splits().items():
+    if config.source == "records":
+      resolved[split] = pathlib.Path(value)
+      records_lib.shard_paths(value)  # a complete directory, or a clear error now
+    elif config.source == "split_csv":
+      resolved[split] = materialise_split_csv(
+          value, config.records_dir, workdir / "data" / split, config.label_start_index, config.fs,
+          config.workers, progress)
+    else:
+      resolved[split] = materialise_tfds_split(config, value, workdir / "data" / split, progress)
+  return resolved
+
+
+def read_labels(directory: str | os.PathLike) -> tuple[list[str], np.ndarray, list[str]]:
+  """(record ids, labels (N, columns) float32, column names) of a records directory, in file order."""
+  tf = records_lib.import_tensorflow()
+  manifest = records_lib.read_manifest(directory)
+  paths = [str(p) for p in records_lib.shard_paths(directory, manifest)]
+
+  def labels_only(serialized: Any) -> dict[str, Any]:
+    parsed = records_lib.parse_example(serialized, manifest.num_labels)
+    return {"labels": parsed["labels"], "record_id": parsed["record_id"]}
+
+  dataset = tf.data.TFRecordDataset(paths).map(labels_only).batch(4096)
+  ids, labels = [], []
+  for batch in dataset.as_numpy_iterator():
+    ids.extend(value.decode() for value in batch["record_id"])
+    labels.append(batch["labels"])
+  stacked = np.concatenate(labels) if labels else np.zeros((0, manifest.num_labels), np.float32)
+  return ids, stacked, list(manifest.label_names)
+
+
+# ------------------------------------------------------------------------------------------------
+# Writing records directories
+
+
+def _digest(path: pathlib.Path) -> str:
+  return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _reusable(directory: pathlib.Path, job: dict[str, Any]) -> bool:
+  """True when `directory` holds a complete records directory written for `job`."""
+  if not (directory / records_lib.MANIFEST_NAME).is_file():
+    return False
+  manifest = records_lib.read_manifest(directory)
+  if manifest.job != job or not manifest.complete:
+    raise FileExistsError(f"{directory} holds data prepared from other settings ({manifest.job}); "
+                          "use another workdir or delete that folder")
+  return True
+
+
+def write_records_streaming(directory: pathlib.Path, records: Iterable[records_lib.StoredRecord],
+                            label_names: list[str], job: dict[str, Any],
+                            failures: list[dict[str, str]]) -> records_lib.RecordsManifest:
+  """Writes `records` in shards of `RECORDS_PER_SHARD` into a temporary folder, then renames it to
+  `directory` (a crash leaves nothing half-written). Memory holds one shard at a time."""
+  directory.parent.mkdir(parents=True, exist_ok=True)
+  staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+  try:
+    shards: list[records_lib.ShardInfo] = []
+    rates: dict[str, int] = {}
+    block: list[bytes] = []
+
+    def flush() -> None:
+      name = f"records-{len(shards):05d}.tfrecord"
+      shards.append(records_lib.ShardInfo(name, records_lib.write_shard(staging / name, block)))
+      block.clear()
+
+    for record in records:
+      block.append(records_lib.encode_example(record))
+      rates[f"{record.source_fs:g}"] = rates.get(f"{record.source_fs:g}", 0) + 1
+      if len(block) == RECORDS_PER_SHARD:
+        flush()
+    if block:
+      flush()
+    if not shards:
+      raise ValueError(f"no record of {job.get('split', directory.name)} could be prepared "
+                       f"({len(failures)} failed, e.g. {failures[:2]})")
+    manifest = records_lib.RecordsManifest(
+        job=job, label_names=list(label_names), shards=shards,
+        num_records=sum(s.num_records for s in shards), complete=True,
+        source_sampling_rates=rates, failures=failures)
+    records_lib.write_manifest(staging, manifest)
+    os.replace(staging, directory)
+  except BaseException:
+    shutil.rmtree(staging, ignore_errors=True)
+    raise
+  return manifest
+
+
+def _record_id(filename: str) -> str:
+  """'dir/HR00009.hea.npy' -> 'HR00009'."""
+  name = pathlib.PurePath(filename).name
+  while pathlib.PurePath(name).suffix.lower() in _RECORD_SUFFIXES:
+    name = pathlib.PurePath(name).stem
+  return name
+
+
+def materialise_split_csv(csv_path: str | os.PathLike, records_dir: str | os.PathLike,
+                          directory: pathlib.Path, label_start_index: int = 3,
+                          fs: float | None = None, workers: int = 0, progress: bool = True
+                          ) -> pathlib.Path:
+  """Prepares the records a split CSV lists (file names relative to `records_dir`) into a records
+  directory at `directory`, reused when the CSV and settings are unchanged."""
+  from tqdm import tqdm
+
+  from hubert_ecg_jax.commands.preprocess import PrepareSettings, RecordSource
+  from hubert_ecg_jax.data.labels import read_split_csv
+
+  csv_path = pathlib.Path(csv_path)
+  table = read_split_csv(csv_path, label_start_index=label_start_index)
+  records_dir = pathlib.Path(records_dir)
+  job = {"source": "split_csv", "csv": str(csv_path.absolute()), "csv_sha256": _digest(csv_path),
+         "records_dir": str(records_dir.absolute()), "label_start_index": label_start_index,
+         "fs": fs}
+  if _reusable(directory, job):
+    return directory
+  sources = []
+  for row, filename in enumerate(table.filenames):
+    path = pathlib.Path(filename)
+    metadata = tuple((name, str(values[row])) for name, values in table.metadata.items())
+    sources.append(RecordSource(str(path if path.is_absolute() else records_dir / path),
+                                _record_id(filename), tuple(float(v) for v in table.labels[row]),
+                                metadata))
+  settings = PrepareSettings(fs=fs, label_source="csv")
+  failures: list[dict[str, str]] = []
+  workers = workers or os.cpu_count() or 1
+
+  def prepared(results: Iterator[Any]) -> Iterator[records_lib.StoredRecord]:
+    for result in tqdm(results, total=len(sources), desc=f"preparing {csv_path.name}",
+                       unit="record", disable=not progress):
+      if isinstance(result, tuple):
+        failures.append({"path": result[0], "reason": result[1]})
+        print(f"skipped {result[0]}: {result[1]}", file=sys.stderr)
+      else:
+        yield result
+
+  tasks = [(source, settings) for source in sources]
+  if workers > 1 and len(sources) > 1:
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+      write_records_streaming(directory, prepared(pool.imap(_prepare_task, tasks, chunksize=4)),
+                              list(table.label_names), job, failures)
+  else:
+    write_records_streaming(directory, prepared(map(_prepare_task, tasks)), list(table.label_names),
+                            job, failures)
+  return directory
+
+
+def _prepare_task(task: tuple[Any, Any]) -> Any:
+  from hubert_ecg_jax.commands.preprocess import prepare_source
+
+  return prepare_source(*task)
+
+
+def materialise_tfds_split(config: DataConfig, split: str, directory: pathlib.Path,
+                           progress: bool = True) -> pathlib.Path:
+  """Copies one split of a TFDS ECG dataset (features `signal` (12, n) at 500 Hz and `labels`, label
+  names in the builder's metadata) into a records directory (reused when unchanged)."""
+  from tqdm import tqdm
+
+  import tensorflow_datasets as tfds
+
+  import hubert_ecg_jax.data.tfds_folder  # noqa: F401  (registers the builders with TFDS)
+  import hubert_ecg_jax.data.tfds_ptbxl  # noqa: F401
+
+  builder = tfds.builder(config.tfds_name, data_dir=config.tfds_data_dir or None)
+  job = {"source": "tfds", "name": config.tfds_name, "version": str(builder.version), "split": split}
+  if _reusable(directory, job):
+    return directory
+  download = tfds.download.DownloadConfig(manual_dir=config.manual_dir or None)
+  builder.download_and_prepare(download_config=download)
+  if split not in builder.info.splits:
+    raise ValueError(f"{config.tfds_name} has splits {sorted(builder.info.splits)}, not {split!r}")
+  label_names = list(builder.info.metadata.get("label_names", ()))
+  if not label_names:
+    raise ValueError(f"{config.tfds_name} does not name its labels (metadata 'label_names')")
+  total = builder.info.splits[split].num_examples
+
+  def stored() -> Iterator[records_lib.StoredRecord]:
+    examples = builder.as_dataset(split=split).as_numpy_iterator()
+    for index, example in enumerate(tqdm(examples, total=total, desc=f"copying {split}",
+                                         unit="record", disable=not progress)):
+      record_id = example.get("ecg_id", example.get("record", index))
+      record_id = record_id.decode() if isinstance(record_id, bytes) else str(record_id)
+      yield records_lib.StoredRecord(
+          record_id=record_id, source=f"tfds:{config.tfds_name}/{split}",
+          signal=np.asarray(example["signal"], np.float32), labels=example["labels"],
+          source_fs=float(example.get("source_fs", 500.0)),
+          age=float(example.get("age", np.nan)))
+
+  write_records_streaming(directory, stored(), label_names, job, [])
+  return directory

@@ -1,0 +1,109 @@
+"""Linear probe: a frozen backbone, embeddings computed once, a scikit-learn linear head.
+
+Select it with `--config.mode=linear_probe` on any fine-tuning config. The backbone embeds every
+record once (masked mean of the last hidden state over the first 5 s, no dropout; exactly what the
+classifier head sees), features are standardised with the training mean and deviation, and a linear
+model is fitted for each `probe.c_values` entry (inverse L2 strength C):
+
+- multi-label: one `LogisticRegression` per label (a label whose training records are all positive
+  gets a constant head);
+- multi-class: multinomial `LogisticRegression`;
+- regression: `Ridge` with alpha = 1 / C.
+
+`class_weight="balanced"` follows `train.use_loss_weights`. The C with the best validation score
+wins; its head, with the standardisation folded in (kernel = coef / std, bias = intercept - kernel .
+mean), becomes the `classifier` of an ordinary fine-tuned model in `workdir/best_model`, so
+`evaluate`, `predict` and `embed` use it like any other (thresholds tuned on validation).
+"""
+from __future__ import annotations
+
+import math
+import pathlib
+import warnings
+from typing import Any, Callable
+
+import numpy as np
+
+from hubert_ecg_jax.finetune.config import FinetuneSettings
+from hubert_ecg_jax.inference import (BatchRunner, classifier_logits_fn, embedding_fn,
+                                      run_on_records_dir)
+
+STD_FLOOR = 1e-6
+
+
+def train_embeddings(runner: BatchRunner, settings: FinetuneSettings, prepared: Any
+                     ) -> tuple[np.ndarray, np.ndarray]:
+  """(embeddings (N, hidden) of the first 5 s, targets) of the training split."""
+  result = run_on_records_dir(runner, prepared.params["hubert_ecg"], prepared.splits["train"],
+                              "first", 1, progress=settings.train.progress)
+  return result.outputs[:, 0], prepared.task.targets(result.labels, result.label_names)
+
+
+def fit_head(kind: str, features: np.ndarray, targets: np.ndarray, c_value: float, balanced: bool,
+             max_iter: int, num_outputs: int) -> tuple[np.ndarray, np.ndarray]:
+  """A linear head on standardised features: kernel (hidden, outputs), bias (outputs,)."""
+  from sklearn.exceptions import ConvergenceWarning
+  from sklearn.linear_model import LogisticRegression, Ridge
+
+  class_weight = "balanced" if balanced else None
+  hidden = features.shape[1]
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", ConvergenceWarning)
+    if kind == "regression":
+      ridge = Ridge(alpha=1.0 / c_value).fit(features, targets)
+      return ridge.coef_.reshape(num_outputs, hidden).T, np.atleast_1d(ridge.intercept_)
+    if kind == "multi_class":
+      model = LogisticRegression(C=c_value, max_iter=max_iter, class_weight=class_weight)
+      model.fit(features, targets)
+      kernel = np.zeros((hidden, num_outputs))
+      bias = np.full(num_outputs, -1e4)  # classes absent from training are never predicted
+      if len(model.classes_) == 2:  # sklearn keeps one logit z for the second class: (0, z)
+        kernel[:, model.classes_[1]], bias[model.classes_[1]] = model.coef_[0], model.intercept_[0]
+        bias[model.classes_[0]] = 0.0
+      else:
+        kernel[:, model.classes_], bias[model.classes_] = model.coef_.T, model.intercept_
+      return kernel, bias
+    kernel, bias = np.zeros((hidden, num_outputs)), np.zeros(num_outputs)
+    for label in range(num_outputs):
+      column = targets[:, label]
+      if column.min() == column.max():  # one class in training: a constant logit
+        rate = np.clip(column.mean(), 1e-4, 1 - 1e-4)
+        bias[label] = math.log(rate / (1 - rate))
+        continue
+      model = LogisticRegression(C=c_value, max_iter=max_iter, class_weight=class_weight)
+      model.fit(features, column)
+      kernel[:, label], bias[label] = model.coef_[0], model.intercept_[0]
+    return kernel, bias
+
+
+def linear_probe(settings: FinetuneSettings, prepared: Any, workdir: pathlib.Path,
+                 print_fn: Callable[[str], None]) -> Any:
+  """Fits the probe (see the module docstring) and saves the best as `workdir/best_model`."""
+  from hubert_ecg_jax.finetune.loop import (BEST_MODEL, FinetuneResult, Validation, save_classifier,
+                                            validate)
+
+  embed_runner = BatchRunner(embedding_fn(prepared.config), settings.eval.batch_size)
+  train_x, train_y = train_embeddings(embed_runner, settings, prepared)
+  mean = train_x.mean(axis=0)
+  std = np.maximum(train_x.std(axis=0), STD_FLOOR)
+  standardised = (train_x - mean) / std
+  runner = BatchRunner(classifier_logits_fn(prepared.model), settings.eval.batch_size)
+  best: tuple[float, float, dict, Validation] | None = None
+  for c_value in settings.probe_c_values:
+    kernel, bias = fit_head(prepared.task.kind, standardised, train_y, c_value,
+                            settings.train.use_loss_weights, settings.probe_max_iter,
+                            prepared.task.num_outputs)
+    folded = kernel / std[:, None]
+    params = dict(prepared.params, classifier={
+        "kernel": folded.astype(np.float32), "bias": (bias - mean @ folded).astype(np.float32)})
+    validation = validate(runner, params, prepared, settings)
+    print_fn(f"linear probe C={c_value:g}: validation score {validation.score:.4f}, "
+             f"loss {validation.loss:.4f}")
+    if best is None or validation.score > best[0] or (math.isnan(best[0]) and not math.isnan(validation.score)):
+      best = (validation.score, c_value, params, validation)
+  score, c_value, params, validation = best
+  notes = prepared.notes + [f"linear probe: C={c_value:g} of {list(settings.probe_c_values)}, "
+                            f"features standardised on {len(train_x)} training records"]
+  save_classifier(workdir / BEST_MODEL, prepared, settings, params, validation, 0, notes)
+  print_fn(f"saved the linear probe (C={c_value:g}) to {workdir / BEST_MODEL}")
+  return FinetuneResult("finished", 0, 0, float(score), workdir / BEST_MODEL, prepared.splits)

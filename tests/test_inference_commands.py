@@ -1,0 +1,172 @@
+"""finetune -> evaluate -> predict -> embed through the console command on the real CinC 2021 records
+(labels from their `# Dx:` SNOMED codes), with a tiny model; outputs checked for completeness."""
+from __future__ import annotations
+
+import csv
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from matplotlib import image as mpimg
+
+from hubert_ecg_jax import cli
+from hubert_ecg_jax.classifier import HubertECGForClassification
+from hubert_ecg_jax.data.preprocess import prepare_record, crop_window, model_input
+from hubert_ecg_jax.data.readers import read_record
+from hubert_ecg_jax.inference import load_classifier
+
+SPLITS = {0: "val", 1: "test"}  # record index % 5 -> split; the rest train
+
+
+@pytest.fixture(scope="module")
+def run(sample_data_dir, tmp_path_factory) -> dict[str, pathlib.Path]:
+  """Splits the 30 records (symbolic links), preprocesses each split, fine-tunes a tiny model."""
+  root = tmp_path_factory.mktemp("cinc")
+  headers = sorted(sample_data_dir.glob("*.hea"))
+  paths = {}
+  for index, header in enumerate(headers):
+    split = SPLITS.get(index % 5, "train")
+    folder = root / "links" / split
+    folder.mkdir(parents=True, exist_ok=True)
+    for part in sample_data_dir.glob(f"{header.stem}.*"):
+      (folder / part.name).symlink_to(part)
+  for split in ("train", "val", "test"):
+    paths[split] = root / "records" / split
+    assert cli.main(["preprocess", str(root / "links" / split), str(paths[split]), "--workers", "1",
+                     "--quiet"]) == 0
+  paths["workdir"] = root / "run"
+  code = cli.main(["finetune", "configs/finetune_demo.py", str(paths["workdir"]),
+                   f"--config.data.train={paths['train']}", f"--config.data.val={paths['val']}",
+                   f"--config.data.test={paths['test']}", "--config.train.steps=6",
+                   "--config.train.batch_size=8", "--config.train.eval_every=3",
+                   "--config.train.log_every=3", "--config.train.devices=1",
+                   "--config.eval.n_boot=50", "--config.train.progress=false"])
+  assert code == 0
+  paths["model"] = paths["workdir"] / "best_model"
+  paths["root"] = root
+  return paths
+
+
+def _train_codes(sample_data_dir: pathlib.Path) -> set[str]:
+  headers = sorted(sample_data_dir.glob("*.hea"))
+  codes = set()
+  for index, header in enumerate(headers):
+    if index % 5 not in SPLITS:
+      codes |= set(read_record(header).labels)
+  return codes
+
+
+def _check_png(path: pathlib.Path, min_pixels: int = 200_000) -> None:
+  pixels = mpimg.imread(path)
+  assert pixels.shape[0] * pixels.shape[1] >= min_pixels
+  assert pixels[..., :3].std() > 0.05  # not a blank image
+
+
+def test_finetune_writes_a_classifier_with_metadata_and_a_test_report(run, sample_data_dir):
+  classifier = load_classifier(run["model"])
+  metadata = classifier.metadata
+  assert classifier.task.kind == "multi_label"
+  assert set(classifier.task.output_names) == _train_codes(sample_data_dir)
+  assert len(classifier.thresholds) == classifier.task.num_outputs
+  assert metadata["validation"]["step"] in (3, 6) and len(metadata["loss_weights"]) == classifier.task.num_outputs
+  assert metadata["training_config"]["train"]["steps"] == 6
+  report = run["workdir"] / "test_evaluation"
+  assert {p.name for p in report.iterdir()} >= {"metrics.json", "metrics.csv", "predictions.csv",
+                                                "roc.png", "auroc.png"}
+  assert (run["workdir"] / "checkpoints").is_dir() and any((run["workdir"] / "tensorboard").iterdir())
+  # Rerunning the finished job resumes from its checkpoint and does not train again.
+  assert cli.main(["finetune", "configs/finetune_demo.py", str(run["workdir"]), "--no-test",
+                   f"--config.data.train={run['train']}", f"--config.data.val={run['val']}",
+                   "--config.train.steps=6", "--config.train.batch_size=8",
+                   "--config.train.eval_every=3", "--config.train.devices=1",
+                   "--config.train.progress=false"]) == 0
+
+
+def test_evaluate_writes_complete_json_csv_and_plots(run, capsys):
+  out = run["root"] / "evaluation"
+  assert cli.main(["evaluate", str(run["model"]), str(run["test"]), "--out", str(out), "--crop", "tta",
+                   "--crops", "2", "--aggregation", "mean", "--n-boot", "50", "--quiet"]) == 0
+  table = capsys.readouterr().out
+  assert "macro" in table and "Fmax" in table
+  summary = json.loads((out / "metrics.json").read_text())
+  metrics = summary["evaluation"]["metrics"]
+  names = load_classifier(run["model"]).task.output_names
+  assert summary["n_records"] == 6 and summary["crops"] == 2 and metrics["label_names"] == list(names)
+  assert set(metrics["per_label"]) == {"auroc", "auprc", "f1@0.5", "sensitivity@0.5", "specificity@0.5",
+                                       "f1@tuned", "sensitivity@tuned", "specificity@tuned"}
+  assert metrics["n_defined_labels"] >= 2 and metrics["macro"]["auroc"] is not None
+  assert set(summary["evaluation"]["intervals"]) == {"auroc", "auprc"}
+  rows = list(csv.DictReader((out / "metrics.csv").open()))
+  assert [row["label"] for row in rows] == list(names) + ["macro"]
+  undefined = [row for row in rows if row["note"].startswith("undefined")]
+  assert all(row["auroc"] == "nan" for row in undefined)
+  predictions = list(csv.DictReader((out / "predictions.csv").open()))
+  assert len(predictions) == 6 and all(0 <= float(row[names[0]]) <= 1 for row in predictions)
+  _check_png(out / "roc.png")
+  _check_png(out / "auroc.png", 50_000)
+  # The output is never silently replaced.
+  assert cli.main(["evaluate", str(run["model"]), str(run["test"]), "--out", str(out), "--quiet"]) == 1
+  assert "already exists" in capsys.readouterr().err
+
+
+def test_predict_a_folder_and_a_file_with_plot(run, sample_data_dir):
+  out = run["root"] / "predictions"
+  assert cli.main(["predict", str(run["model"]), str(sample_data_dir), "--out", str(out), "--quiet"]) == 0
+  document = json.loads((out / "predictions.json").read_text())
+  names = list(load_classifier(run["model"]).task.output_names)
+  assert len(document["records"]) == 30 and document["failures"] == []
+  assert set(document["thresholds"]) == set(names)
+  first = document["records"][0]
+  assert first["windows"] == 2 and first["window_offsets_500hz"] == [0, 2500]  # 10 s -> two halves
+  assert set(first["probabilities"]) == set(names) and first["duration_s"] == 10.0
+  assert all(document["thresholds"][n] <= first["probabilities"][n] for n in first["findings"])
+  rows = list(csv.DictReader((out / "predictions.csv").open()))
+  assert len(rows) == 30 and list(rows[0])[:4] == ["record_id", "source", "duration_s", "windows"]
+  single = run["root"] / "single"
+  record = sorted(sample_data_dir.glob("*.hea"))[3]
+  assert cli.main(["predict", str(run["model"]), str(record), "--out", str(single), "--plot",
+                   "--top", "3", "--quiet"]) == 0
+  entry = json.loads((single / "predictions.json").read_text())["records"][0]
+  assert entry["record_id"] == record.stem and len(entry["top"]) == 3
+  _check_png(single / entry["plot"], 1_000_000)
+
+
+def test_predict_refuses_what_it_cannot_read(run, tmp_path, capsys):
+  bad = tmp_path / "bad.npy"
+  np.save(bad, np.zeros((3, 100), np.float32))
+  assert cli.main(["predict", str(run["model"]), str(bad), "--out", str(tmp_path / "o"), "--fs", "500",
+                   "--quiet"]) == 1
+  assert "bad.npy" in capsys.readouterr().err and not (tmp_path / "o").exists()
+  assert cli.main(["evaluate", str(run["train"]), str(run["test"]), "--quiet"]) == 1
+  assert "is not a fine-tuned model" in capsys.readouterr().err
+
+
+def test_embed_records_files_and_layers(run, sample_data_dir):
+  out = run["root"] / "emb" / "test.npy"
+  assert cli.main(["embed", str(run["model"]), str(run["test"]), "--out", str(out), "--quiet"]) == 0
+  embeddings = np.load(out)
+  index = list(csv.DictReader(out.with_suffix(".index.csv").open()))
+  assert embeddings.shape == (6, 32) and len(index) == 6 and index[0]["row"] == "0"
+  # The classifier's own pooled features of the same input: embed is deterministic and equal to them.
+  classifier = load_classifier(run["model"])
+  record = read_record(sorted(sample_data_dir.glob("*.hea"))[3])
+  x, mask = model_input(crop_window(prepare_record(record.signal, record.fs, record.lead_names), 0))
+  model = HubertECGForClassification(classifier.config, classifier.task.num_outputs)
+  expected = model.apply({"params": classifier.params}, jnp.asarray(x[None]), jnp.asarray(mask[None]),
+                         method=HubertECGForClassification.embed)
+  single = run["root"] / "emb" / "one.npy"
+  for _ in range(2):
+    assert cli.main(["embed", str(run["model"]), str(sample_data_dir / f"{record.record_id}.hea"),
+                     "--out", str(single), "--overwrite", "--quiet"]) == 0
+    np.testing.assert_allclose(np.load(single), np.asarray(expected), atol=1e-5)
+  frames = run["root"] / "emb" / "frames.npy"
+  assert cli.main(["embed", str(run["model"]), str(sample_data_dir), "--out", str(frames), "--layer", "0",
+                   "--pool", "none", "--quiet"]) == 0
+  assert np.load(frames).shape == (30, 93, 32)
+  assert cli.main(["embed", str(run["model"]), str(sample_data_dir), "--out", str(frames), "--quiet"]) == 1
+  assert cli.main(["embed", str(run["model"]), str(sample_data_dir), "--out", str(run["root"] / "x.npy"),
+                   "--pool", "none", "--crop", "tta", "--quiet"]) == 1
+  assert jax.devices()  # the 8 host devices of conftest ran all of the above
