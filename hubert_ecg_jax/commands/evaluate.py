@@ -133,10 +133,13 @@ def register(subparsers: Any) -> None:
                  help="bootstrap resamples for the 95%% intervals (0: none; default 1000)")
   p.add_argument("--seed", type=int, default=0, help="seed of random crops and the bootstrap")
   p.add_argument("--batch-size", type=int, default=64, help="windows per device pass (default 64)")
-  p.add_argument("--records-dir", help="split CSV input: folder its file names are relative to")
+  p.add_argument("--records-dir", help="split CSV input: folder its file names are relative to (the "
+                 "prepared records are kept in .OUT-data beside OUT and reused)")
   p.add_argument("--label-start-index", type=int, default=3,
                  help="split CSV input: column of the first label (3; 4 for PTB-XL and SPH)")
   p.add_argument("--fs", type=float, help="split CSV input: sampling rate of .npy / .csv records")
+  p.add_argument("--workers", type=int, default=0,
+                 help="split CSV input: processes preparing the records (default: all cores)")
   p.add_argument("--quiet", action="store_true", help="no progress bars")
   p.set_defaults(func=run)
 
@@ -151,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
       raise ValueError(f"{data} is a split CSV: pass --records-dir, the folder its file names are "
                        "relative to")
     data = materialise_split_csv(data, args.records_dir, out.absolute().parent / f".{out.name}-data",
-                                 args.label_start_index, args.fs, progress=not args.quiet)
+                                 args.label_start_index, args.fs, args.workers, not args.quiet)
   summary = evaluate_classifier(args.model, data, out, args.crop, args.crops, args.aggregation,
                                 args.n_boot, args.seed, args.batch_size, args.overwrite,
                                 progress=not args.quiet)

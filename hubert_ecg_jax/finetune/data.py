@@ -249,7 +249,7 @@ def materialise_tfds_split(config: DataConfig, split: str, directory: pathlib.Pa
   job = {"source": "tfds", "name": config.tfds_name, "version": str(builder.version), "split": split}
   if _reusable(directory, job):
     return directory
-  download = tfds.download.DownloadConfig(manual_dir=config.manual_dir or None)
+  download = tfds.download.DownloadConfig(manual_dir=config.manual_dir or None, try_download_gcs=False)
   builder.download_and_prepare(download_config=download)
   if split not in builder.info.splits:
     raise ValueError(f"{config.tfds_name} has splits {sorted(builder.info.splits)}, not {split!r}")

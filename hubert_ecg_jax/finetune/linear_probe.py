@@ -76,6 +76,13 @@ def fit_head(kind: str, features: np.ndarray, targets: np.ndarray, c_value: floa
     return kernel, bias
 
 
+def fold_standardisation(kernel: np.ndarray, bias: np.ndarray, mean: np.ndarray, std: np.ndarray
+                         ) -> tuple[np.ndarray, np.ndarray]:
+  """A head on (x - mean) / std as a head on x: kernel / std, bias - mean . (kernel / std)."""
+  folded = kernel / std[:, None]
+  return folded.astype(np.float32), (bias - mean @ folded).astype(np.float32)
+
+
 def linear_probe(settings: FinetuneSettings, prepared: Any, workdir: pathlib.Path,
                  print_fn: Callable[[str], None]) -> Any:
   """Fits the probe (see the module docstring) and saves the best as `workdir/best_model`."""
@@ -93,9 +100,8 @@ def linear_probe(settings: FinetuneSettings, prepared: Any, workdir: pathlib.Pat
     kernel, bias = fit_head(prepared.task.kind, standardised, train_y, c_value,
                             settings.train.use_loss_weights, settings.probe_max_iter,
                             prepared.task.num_outputs)
-    folded = kernel / std[:, None]
-    params = dict(prepared.params, classifier={
-        "kernel": folded.astype(np.float32), "bias": (bias - mean @ folded).astype(np.float32)})
+    folded_kernel, folded_bias = fold_standardisation(kernel, bias, mean, std)
+    params = dict(prepared.params, classifier={"kernel": folded_kernel, "bias": folded_bias})
     validation = validate(runner, params, prepared, settings)
     print_fn(f"linear probe C={c_value:g}: validation score {validation.score:.4f}, "
              f"loss {validation.loss:.4f}")
