@@ -339,3 +339,19 @@ def test_tfds_split_becomes_a_records_directory_once(tmp_path):
   manifest_time = (splits["train"] / "manifest.json").stat().st_mtime_ns
   assert resolve_splits(config, tmp_path / "work", progress=False) == splits
   assert (splits["train"] / "manifest.json").stat().st_mtime_ns == manifest_time  # reused
+
+
+def test_early_stopping_counts_validations_without_progress():
+  from hubert_ecg_jax.finetune.loop import EarlyStopping
+
+  stopping = EarlyStopping(patience=2)
+  assert stopping.update(float("nan"), 10)  # the first validation is always the best so far
+  assert stopping.update(0.6, 20) and stopping.best_step == 20  # any number beats NaN
+  assert not stopping.update(float("nan"), 30) and not stopping.update(0.6, 40)  # equal is no progress
+  assert stopping.done and stopping.bad_evals == 2 and stopping.best_score == pytest.approx(0.6)
+  restored = EarlyStopping.from_tree(2, stopping.to_tree())
+  assert restored == stopping
+  fresh = EarlyStopping(patience=3)
+  for step, score in enumerate([0.5, 0.7, 0.65, 0.71, 0.7, 0.7]):
+    fresh.update(score, step)
+  assert (fresh.best_step, fresh.bad_evals, fresh.done) == (3, 2, False)

@@ -13,7 +13,10 @@ import pytest
 from matplotlib import image as mpimg
 
 from hubert_ecg_jax import cli
+from hubert_ecg_jax.checkpoint import load_model, save_model
 from hubert_ecg_jax.classifier import HubertECGForClassification
+from hubert_ecg_jax.config import HubertECGConfig
+from hubert_ecg_jax.model import HubertECG
 from hubert_ecg_jax.data.preprocess import prepare_record, crop_window, model_input
 from hubert_ecg_jax.data.readers import read_record
 from hubert_ecg_jax.inference import load_classifier
@@ -23,7 +26,8 @@ SPLITS = {0: "val", 1: "test"}  # record index % 5 -> split; the rest train
 
 @pytest.fixture(scope="module")
 def run(sample_data_dir, tmp_path_factory) -> dict[str, pathlib.Path]:
-  """Splits the 30 records (symbolic links), preprocesses each split, fine-tunes a tiny model."""
+  """Splits the 30 records (symbolic links), preprocesses each split, fine-tunes a tiny model from
+  a saved model directory with the CNN frozen."""
   root = tmp_path_factory.mktemp("cinc")
   headers = sorted(sample_data_dir.glob("*.hea"))
   paths = {}
@@ -37,8 +41,15 @@ def run(sample_data_dir, tmp_path_factory) -> dict[str, pathlib.Path]:
     paths[split] = root / "records" / split
     assert cli.main(["preprocess", str(root / "links" / split), str(paths[split]), "--workers", "1",
                      "--quiet"]) == 0
+  # "Pretrained" weights: a random tiny HuBERT-ECG with its pretraining heads, as `convert` writes.
+  config = HubertECGConfig.preset("tiny")
+  weights = jax.jit(lambda key: HubertECG(config).init({"params": key}, jnp.zeros((1, 400))))(
+      jax.random.key(7))["params"]
+  paths["pretrained"] = save_model(root / "pretrained", config, weights)
   paths["workdir"] = root / "run"
   code = cli.main(["finetune", "configs/finetune_demo.py", str(paths["workdir"]),
+                   "--config.model.init=pretrained", f"--config.model.pretrained={paths['pretrained']}",
+                   "--config.train.freeze_feature_encoder=true",
                    f"--config.data.train={paths['train']}", f"--config.data.val={paths['val']}",
                    f"--config.data.test={paths['test']}", "--config.train.steps=6",
                    "--config.train.batch_size=8", "--config.train.eval_every=3",
@@ -73,6 +84,13 @@ def test_finetune_writes_a_classifier_with_metadata_and_a_test_report(run, sampl
   assert len(classifier.thresholds) == classifier.task.num_outputs
   assert metadata["validation"]["step"] in (3, 6) and len(metadata["loss_weights"]) == classifier.task.num_outputs
   assert metadata["training_config"]["train"]["steps"] == 6
+  # Loaded from the model directory (pretraining heads left out); the frozen CNN is bit for bit the same.
+  _, pretrained, _ = load_model(run["pretrained"])
+  assert set(classifier.params["hubert_ecg"]) == set(pretrained) - {"final_proj_0", "label_embedding_0"}
+  jax.tree.map(np.testing.assert_array_equal, classifier.params["hubert_ecg"]["feature_extractor"],
+               pretrained["feature_extractor"])
+  moved = classifier.params["hubert_ecg"]["encoder"]["layers_1"]["feed_forward"]["output_dense"]["kernel"]
+  assert np.abs(moved - pretrained["encoder"]["layers_1"]["feed_forward"]["output_dense"]["kernel"]).max() > 0
   report = run["workdir"] / "test_evaluation"
   assert {p.name for p in report.iterdir()} >= {"metrics.json", "metrics.csv", "predictions.csv",
                                                 "roc.png", "auroc.png"}
@@ -132,6 +150,17 @@ def test_predict_a_folder_and_a_file_with_plot(run, sample_data_dir):
   entry = json.loads((single / "predictions.json").read_text())["records"][0]
   assert entry["record_id"] == record.stem and len(entry["top"]) == 3
   _check_png(single / entry["plot"], 1_000_000)
+  # The same ECG as a .npy array (rate given on the command line) gives the same probabilities.
+  ecg = read_record(record)
+  array = run["root"] / "npy" / f"{record.stem}.npy"
+  array.parent.mkdir()
+  np.save(array, ecg.signal)
+  as_npy = run["root"] / "from_npy"
+  assert cli.main(["predict", str(run["model"]), str(array), "--out", str(as_npy), "--fs", "500", "--quiet"]) == 0
+  npy_entry = json.loads((as_npy / "predictions.json").read_text())["records"][0]
+  hea_entry = next(r for r in document["records"] if r["record_id"] == record.stem)
+  for name in names:
+    assert npy_entry["probabilities"][name] == pytest.approx(hea_entry["probabilities"][name], abs=1e-6)
 
 
 def test_predict_refuses_what_it_cannot_read(run, tmp_path, capsys):

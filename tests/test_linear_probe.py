@@ -3,6 +3,7 @@ frozen (random-init) encoder runs through `finetune --config.mode=linear_probe` 
 from __future__ import annotations
 
 import json
+import pathlib
 
 import numpy as np
 import pytest
@@ -49,22 +50,58 @@ def test_regression_head_is_ridge():
   np.testing.assert_allclose(x @ kernel + bias, Ridge(alpha=0.25).fit(z, y).predict(z), atol=1e-4)
 
 
-def test_linear_probe_command_on_a_frozen_random_encoder(tmp_path):
-  """Multi-class probe (one-hot columns) end to end: saved as an ordinary classifier, then evaluated."""
-  data = {split: write_synthetic_split(tmp_path / split, n, seed)
-          for split, n, seed in (("train", 48, 11), ("val", 24, 12), ("test", 24, 13))}
-  workdir = tmp_path / "probe"
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+  from hubert_ecg_jax.data.synthetic import write_wfdb_folder
+
+  root = tmp_path_factory.mktemp("probe")
+  splits = {split: write_synthetic_split(root / split, n, seed)
+            for split, n, seed in (("train", 48, 11), ("val", 24, 12), ("test", 24, 13))}
+  write_wfdb_folder(root / "wfdb", 3, seed=14, duration_s=7.5, classes=["SB", "RBBB"])
+  return dict(splits, wfdb=root / "wfdb", root=root)
+
+
+def _probe(data, kind: str) -> pathlib.Path:
+  workdir = data["root"] / f"probe_{kind}"
   assert cli.main(["finetune", "configs/finetune_demo.py", str(workdir), "--no-test",
-                   "--config.mode=linear_probe", "--config.task.kind=multi_class",
+                   "--config.mode=linear_probe", f"--config.task.kind={kind}",
                    f"--config.data.train={data['train']}", f"--config.data.val={data['val']}",
                    "--config.probe.c_values=(0.1,1.0)", "--config.train.progress=false"]) == 0
-  metadata = json.loads((workdir / "best_model" / "metadata.json").read_text())
+  return workdir / "best_model"
+
+
+def test_multiclass_probe_on_a_frozen_random_encoder(data):
+  """One-hot columns as classes, end to end: saved as an ordinary classifier, evaluated, predicted."""
+  model = _probe(data, "multi_class")
+  metadata = json.loads((model / "metadata.json").read_text())
   assert metadata["mode"] == "linear_probe" and metadata["task"]["kind"] == "multi_class"
   assert metadata["thresholds"] is None and "C=" in metadata["notes"][-1]
-  out = tmp_path / "report"
-  assert cli.main(["evaluate", str(workdir / "best_model"), str(data["test"]), "--out", str(out),
-                   "--n-boot", "20", "--quiet"]) == 0
+  assert metadata["loss_weights"] == pytest.approx([1 / 3] * 4)  # C / n_c with 12 records per class
+  out = data["root"] / "report_multi_class"
+  assert cli.main(["evaluate", str(model), str(data["test"]), "--out", str(out), "--n-boot", "20",
+                   "--quiet"]) == 0
   summary = json.loads((out / "metrics.json").read_text())
   assert summary["multiclass"]["n_records"] == 24 and summary["multiclass"]["accuracy"] > 0.6
   assert summary["evaluation"]["metrics"]["label_names"] == ["SB", "STach", "RBBB", "STE"]
   assert (out / "roc.png").is_file() and (out / "auroc.png").is_file()
+  predictions = data["root"] / "predict_multi_class"
+  assert cli.main(["predict", str(model), str(data["wfdb"]), "--out", str(predictions), "--quiet"]) == 0
+  records = json.loads((predictions / "predictions.json").read_text())["records"]
+  assert len(records) == 3 and all(len(r["findings"]) == 1 for r in records)
+  assert all(r["windows"] == 2 and r["window_offsets_500hz"] == [0, 1250] for r in records)  # 7.5 s
+  assert all(sum(r["probabilities"].values()) == pytest.approx(1.0) for r in records)
+
+
+def test_regression_probe_reports_mse_mae_r2(data):
+  model = _probe(data, "regression")
+  out = data["root"] / "report_regression"
+  assert cli.main(["evaluate", str(model), str(data["test"]), "--out", str(out), "--quiet"]) == 0
+  summary = json.loads((out / "metrics.json").read_text())
+  assert summary["regression"]["target_names"] == ["SB", "STach", "RBBB", "STE"]
+  assert 0 < summary["regression"]["mse"] < 0.25  # better than predicting the mean (variance 0.1875)
+  rows = (out / "metrics.csv").read_text().splitlines()
+  assert rows[0] == "target,mse,mae,r2" and len(rows) == 5
+  predictions = data["root"] / "predict_regression"
+  assert cli.main(["predict", str(model), str(data["wfdb"]), "--out", str(predictions), "--quiet"]) == 0
+  record = json.loads((predictions / "predictions.json").read_text())["records"][0]
+  assert set(record["values"]) == {"SB", "STach", "RBBB", "STE"} and record["findings"] == []

@@ -86,11 +86,14 @@ def evaluate_classifier(model_path: str | os.PathLike, data_dir: str | os.PathLi
     if task.kind == "regression":
       metrics = regression_metrics(targets, scores, names)
       summary["regression"] = metrics.to_dict()
-      rows = [[name] + [f"{metrics.per_target[m][i]:.6g}" for m in ("mse", "mae", "r2")]
+      rows = [[name] + [float(metrics.per_target[m][i]) for m in ("mse", "mae", "r2")]
               for i, name in enumerate(names)]
       _write_rows(staging / "metrics.csv", ["target", "mse", "mae", "r2"], rows)
-      table = "\n".join(["target  mse  mae  r2"] + ["  ".join(row) for row in rows]
-                        + [f"mean    {metrics.mse:.6g}  {metrics.mae:.6g}  {metrics.r2:.6g}"])
+      width = max(len(name) for name in names + ["target"])
+      lines = [f"{'target':<{width}}  {'mse':>10}  {'mae':>10}  {'r2':>10}"]
+      for row in rows + [["mean", metrics.mse, metrics.mae, metrics.r2]]:
+        lines.append(f"{row[0]:<{width}}  " + "  ".join(f"{value:>10.4g}" for value in row[1:]))
+      table = "\n".join(lines)
     else:
       one_vs_rest = targets if task.kind == "multi_label" else np.eye(len(names))[targets]
       thresholds = classifier.thresholds if task.kind == "multi_label" else None

@@ -72,6 +72,44 @@ class Validation:
   targets: np.ndarray
 
 
+@dataclasses.dataclass
+class EarlyStopping:
+  """Best validation score so far and the validations since; saved with each checkpoint.
+
+  The first validation always counts as the best; a later one replaces it when its score is higher
+  (a NaN score never is; a NaN best is beaten by any number). After `patience` validations in a row
+  without a better score, `done` is set.
+  """
+  patience: int
+  best_score: float = -math.inf
+  best_step: int = -1
+  bad_evals: int = 0
+  done: bool = False
+
+  def update(self, score: float, step: int) -> bool:
+    """Records a validation; True when it is the new best (scores compare as stored, float32)."""
+    score = float(np.float32(score))
+    best = self.best_score if math.isfinite(self.best_score) else -math.inf
+    if self.best_step < 0 or score > best:
+      self.best_score, self.best_step, self.bad_evals = score, int(step), 0
+      return True
+    self.bad_evals += 1
+    self.done = self.bad_evals >= self.patience
+    return False
+
+  def to_tree(self) -> dict[str, jax.Array]:
+    return {"best_score": jnp.asarray(self.best_score, jnp.float32),
+            "best_step": jnp.asarray(self.best_step, jnp.int32),
+            "bad_evals": jnp.asarray(self.bad_evals, jnp.int32),
+            "done": jnp.asarray(int(self.done), jnp.int32)}
+
+  @classmethod
+  def from_tree(cls, patience: int, tree: dict[str, Any]) -> EarlyStopping:
+    values = {name: np.asarray(value).item() for name, value in jax.device_get(tree).items()}
+    return cls(patience, float(values["best_score"]), int(values["best_step"]),
+               int(values["bad_evals"]), bool(values["done"]))
+
+
 def prepare(settings: FinetuneSettings, workdir: pathlib.Path, print_fn: Callable[[str], None]
             ) -> Prepared:
   """Steps 1 and 2 of the module docstring."""
@@ -224,8 +262,7 @@ def _train(settings: FinetuneSettings, prepared: Prepared, workdir: pathlib.Path
   def new_state() -> dict[str, Any]:
     dropout_key = jax.random.fold_in(jax.random.PRNGKey(t.seed), 1)
     return {"train": create_train_state(prepared.params, optimizer, dropout_key),
-            "stopping": {"best_score": jnp.asarray(-jnp.inf), "best_step": jnp.asarray(-1),
-                         "bad_evals": jnp.asarray(0), "done": jnp.asarray(0)}}
+            "stopping": EarlyStopping(t.patience).to_tree()}
 
   manager = CheckpointManager(workdir / "checkpoints", keep_last=t.keep_checkpoints, keep_best=0)
   writer = MetricsWriter(workdir / "tensorboard", print_fn)
@@ -250,18 +287,19 @@ def _loop(settings: FinetuneSettings, prepared: Prepared, workdir: pathlib.Path,
   from hubert_ecg_jax.data.records import read_manifest
 
   t, task = settings.train, prepared.task
-  train_state, stopping = state["train"], {k: v.item() for k, v in jax.device_get(state["stopping"]).items()}
+  train_state = state["train"]
+  stopping = EarlyStopping.from_tree(t.patience, state["stopping"])
   step = int(train_state.step)
   column_names = list(read_manifest(prepared.splits["train"]).label_names)
-  stop_reason = "early_stopped" if stopping["done"] else "finished"
+  stop_reason = "early_stopped" if stopping.done else "finished"
   bar = tqdm(total=t.steps, initial=step, unit="step", dynamic_ncols=True, disable=not t.progress)
 
   def checkpoint() -> None:
-    placed = jax.device_put({k: jnp.asarray(v) for k, v in stopping.items()}, trainer.replicated)
+    placed = jax.device_put(stopping.to_tree(), trainer.replicated)
     manager.save(step, {"train": train_state, "stopping": placed}, position)
 
   with stop_signals() as signals, bar:
-    while step < t.steps and not stopping["done"]:
+    while step < t.steps and not stopping.done:
       if signals.received:
         stop_reason = signals.received
         break
@@ -281,24 +319,19 @@ def _loop(settings: FinetuneSettings, prepared: Prepared, workdir: pathlib.Path,
       if step % t.eval_every == 0 or step == t.steps:
         validation = validate(runner, train_state.params, prepared, settings)
         writer.write(step, {"score": validation.score, **validation.metrics}, "val")
-        best = stopping["best_score"] if math.isfinite(stopping["best_score"]) else -math.inf
-        if stopping["best_step"] < 0 or validation.score > best:
+        if stopping.update(validation.score, step):
           save_classifier(workdir / BEST_MODEL, prepared, settings, train_state.params, validation,
                           step, prepared.notes)
-          stopping.update(best_score=validation.score, best_step=step, bad_evals=0)
-        else:
-          stopping["bad_evals"] += 1
-          if stopping["bad_evals"] >= t.patience:
-            stopping["done"] = 1
-            stop_reason = "early_stopped"
-            print_fn(f"early stopping at step {step}: {t.patience} validations without progress "
-                     f"since step {stopping['best_step']}")
+        elif stopping.done:
+          stop_reason = "early_stopped"
+          print_fn(f"early stopping at step {step}: {t.patience} validations without progress "
+                   f"since step {stopping.best_step}")
         checkpoint()
   if stop_reason not in ("finished", "early_stopped"):
     checkpoint()
     print_fn(f"stopped at step {step} ({stop_reason}); the checkpoint resumes the run")
-  best_step = stopping["best_step"] if stopping["best_step"] >= 0 else None
+  best_step = stopping.best_step if stopping.best_step >= 0 else None
   return FinetuneResult(stop_reason, step, best_step,
-                        None if best_step is None else float(stopping["best_score"]),
+                        None if best_step is None else stopping.best_score,
                         workdir / BEST_MODEL if best_step is not None else None, prepared.splits)
 
