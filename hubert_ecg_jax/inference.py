@@ -255,9 +255,9 @@ def run_on_files(runner: BatchRunner, params: Any, files: Sequence[pathlib.Path]
   def prepared_records() -> Iterator[tuple[Any, str, np.ndarray, np.ndarray, np.ndarray]]:
     for index, path in enumerate(tqdm(files, desc="records", unit="file", disable=not progress)):
       try:
-        for record in read_file_records(path, fs):
+        for number, record in enumerate(read_file_records(path, fs)):
           prepared = prepare_record(record.signal, record.fs, lead_names=record.lead_names)
-          rng = np.random.default_rng([seed, index])
+          rng = np.random.default_rng([seed, index, number])
           offsets = window_offsets(prepared.shape[1], crop, n_crops, rng)
           x, mask = record_windows(prepared, offsets)
           yield record, str(path), offsets, x, mask

@@ -163,7 +163,19 @@ def test_predict_a_folder_and_a_file_with_plot(run, sample_data_dir):
     assert npy_entry["probabilities"][name] == pytest.approx(hea_entry["probabilities"][name], abs=1e-6)
 
 
-def test_predict_refuses_what_it_cannot_read(run, tmp_path, capsys):
+def test_predict_reads_code15_hdf5_and_refuses_bad_files(run, sample_data_dir, tmp_path, capsys):
+  import h5py
+
+  tracings = np.stack([read_record(h).signal[:, :4096].T for h in sorted(sample_data_dir.glob("*.hea"))[:2]])
+  with h5py.File(tmp_path / "exams_part0.hdf5", "w") as handle:
+    handle["tracings"] = tracings  # (2, 4096, 12) at 400 Hz
+    handle["exam_id"] = np.array([101, 202])
+  out = tmp_path / "code15"
+  assert cli.main(["predict", str(run["model"]), str(tmp_path / "exams_part0.hdf5"), "--out", str(out),
+                   "--quiet"]) == 0
+  records = json.loads((out / "predictions.json").read_text())["records"]
+  assert [r["record_id"] for r in records] == ["101", "202"]
+  assert records[0]["duration_s"] == pytest.approx(10.24) and records[0]["windows"] == 3  # 5120 at 500 Hz
   bad = tmp_path / "bad.npy"
   np.save(bad, np.zeros((3, 100), np.float32))
   assert cli.main(["predict", str(run["model"]), str(bad), "--out", str(tmp_path / "o"), "--fs", "500",

@@ -110,8 +110,7 @@ class EarlyStopping:
                int(values["bad_evals"]), bool(values["done"]))
 
 
-def prepare(settings: FinetuneSettings, workdir: pathlib.Path, print_fn: Callable[[str], None]
-            ) -> Prepared:
+def prepare(settings: FinetuneSettings, workdir: pathlib.Path) -> Prepared:
   """Steps 1 and 2 of the module docstring."""
   from hubert_ecg_jax.evaluate.metrics import label_names_or_default
 
@@ -176,9 +175,9 @@ def validate(runner: BatchRunner, params: Any, prepared: Prepared, settings: Fin
   how = e.aggregation if task.kind != "regression" else "mean"
   probabilities = aggregate_crops(task.probabilities(logits), how)
   mean_logits = jnp.asarray(logits.mean(axis=1))
-  if task.kind == "multi_label":  # validation weights from the validation set, as the original
-    weights = losses.positive_weights(targets)
-  else:  # the validation set may lack a class: keep the training weights
+  if task.kind == "multi_label" and settings.train.use_loss_weights:
+    weights = losses.positive_weights(targets)  # from the validation set, as the original
+  else:  # no weights, or class weights (the validation set may lack a class): the training ones
     weights = prepared.loss_weights
   loss = float(losses.mean_loss(task.kind, mean_logits, jnp.asarray(targets), jnp.asarray(weights)))
   metrics = {"loss": loss}
@@ -218,7 +217,7 @@ def finetune(settings: FinetuneSettings, workdir: str | pathlib.Path,
   """Runs (or resumes) a fine-tuning job in `workdir` (see the module docstring)."""
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  prepared = prepare(settings, workdir, print_fn)
+  prepared = prepare(settings, workdir)
   for note in prepared.notes:
     print_fn(f"note: {note}")
   print_fn(f"task: {prepared.task.kind}, {prepared.task.num_outputs} outputs; model: "
