@@ -11,21 +11,23 @@ import argparse
 import importlib
 import sys
 
-# (subcommand, module under hubert_ecg_jax.commands, one-line help)
-COMMANDS: tuple[tuple[str, str, str], ...] = (
-    ("convert", "convert", "import PyTorch HuBERT-ECG weights as an Orbax model directory"),
-    ("export", "export", "export a model to a Hugging Face directory"),
-    ("features", "features", "dump per-frame features of every record for k-means targets"),
-    ("targets", "targets", "write k-means units into the records as pre-training targets"),
-    ("bench", "bench", "benchmark forward pass or train step against PyTorch"),
-    ("preprocess", "preprocess", "prepare ECG records into sharded TFRecord files (resumable)"),
-    ("cluster", "cluster", "fit k-means pre-training targets on feature arrays, with a K sweep"),
-    ("pretrain", "pretrain", "pre-train HuBERT-ECG by masked prediction (data-parallel, resumable)"),
-    ("labels-template", "labels_template", "write the labels CSV template for a folder of ECG records"),
-    ("finetune", "finetune", "fine-tune or linear-probe on labelled ECGs, with early stopping and a test report"),
-    ("evaluate", "evaluate", "metrics, bootstrap intervals and plots of a fine-tuned model on a test set"),
-    ("predict", "predict", "label probabilities (and ECG plots) for ECG files with a fine-tuned model"),
-    ("embed", "embed", "deterministic embeddings (mean-pooled or per frame, any layer) to .npy"),
+# (subcommand, module under hubert_ecg_jax.commands)
+COMMANDS: tuple[tuple[str, str], ...] = (
+    # In the order of the workflow: weights, data, pre-training, fine-tuning, inference, tools.
+    ("demo", "demo"),
+    ("convert", "convert"),
+    ("export", "export"),
+    ("preprocess", "preprocess"),
+    ("labels-template", "labels_template"),
+    ("features", "features"),
+    ("cluster", "cluster"),
+    ("targets", "targets"),
+    ("pretrain", "pretrain"),
+    ("finetune", "finetune"),
+    ("evaluate", "evaluate"),
+    ("predict", "predict"),
+    ("embed", "embed"),
+    ("bench", "bench"),
 )
 
 
@@ -35,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
       description="HuBERT-ECG in JAX/Flax: convert weights, prepare ECG data, pre-train, "
       "fine-tune, evaluate, predict and embed.")
   subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-  for name, module_name, _ in COMMANDS:
+  for name, module_name in COMMANDS:
     module = importlib.import_module(f"hubert_ecg_jax.commands.{module_name}")
     module.register(subparsers)
     assert name in subparsers.choices, f"{module_name}.register did not add {name!r}"
