@@ -9,6 +9,8 @@ saved on 8 devices resumes on 1 and the other way round.
 """
 from __future__ import annotations
 
+import json
+import os
 import pathlib
 import shutil
 import tempfile
@@ -18,7 +20,7 @@ import jax
 import numpy as np
 from jax.sharding import Sharding
 
-from hubert_ecg_jax.checkpoint import save_model
+from hubert_ecg_jax.checkpoint import CONFIG_FILE, METADATA_FILE, PARAMS_DIR, save_model
 from hubert_ecg_jax.config import HubertECGConfig
 
 STATE = "state"
@@ -50,11 +52,18 @@ class DataPosition:
   async def save(self, directory: Any) -> Any:
     # Capture the position now (the iterator moves on once this returns), write it out later.
     staging = pathlib.Path(tempfile.mkdtemp(prefix="data-position-"))
-    self._save(str(staging / "position"))
+    try:
+      self._save(str(staging / "position"))
+    except BaseException:
+      shutil.rmtree(staging, ignore_errors=True)
+      raise
 
     async def finish() -> None:
-      target = pathlib.Path(await directory.await_creation()) / self._name()
-      shutil.move(str(staging), str(target))
+      try:
+        target = pathlib.Path(await directory.await_creation()) / self._name()
+        shutil.move(str(staging), str(target))
+      finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone already when the move succeeded
 
     return finish()
 
@@ -148,13 +157,30 @@ def host_copy(tree: Any) -> Any:
 
 def export_model(directory: str | pathlib.Path, config: HubertECGConfig, params: Any,
                  metadata: dict[str, Any] | None = None) -> pathlib.Path | None:
-  """Writes the params as a finished model (`checkpoint.save_model`) for fine-tuning.
+  """Writes the params as a finished model (the format of `checkpoint.save_model`) for fine-tuning.
 
-  Every process takes part in gathering; only process 0 writes. Returns the directory on
-  process 0 and None elsewhere.
+  Every process must call it. On one process this is `save_model`; on several, all take part in
+  the Orbax save of the params (Orbax synchronises them) and process 0 writes the config and
+  moves the complete directory into place. Returns the directory on process 0, None elsewhere.
   """
   host_params = host_copy(params)
-  if jax.process_index() != 0:
-    return None
-  return save_model(directory, config, host_params, metadata=metadata, overwrite=True)
+  if jax.process_count() == 1:
+    return save_model(directory, config, host_params, metadata=metadata, overwrite=True)
+  from jax.experimental import multihost_utils
+  from orbax.checkpoint import v1 as ocp
 
+  directory = pathlib.Path(directory).absolute()
+  staging = directory.parent / f".{directory.name}.export"  # the same path on every process
+  primary = jax.process_index() == 0
+  if primary:
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+  multihost_utils.sync_global_devices("export_model:staging")
+  ocp.save_pytree(staging / PARAMS_DIR, host_params)
+  if primary:
+    config.save_json(staging / CONFIG_FILE)
+    (staging / METADATA_FILE).write_text(json.dumps(metadata or {}, indent=2, default=str) + "\n")
+    shutil.rmtree(directory, ignore_errors=True)
+    os.replace(staging, directory)
+  multihost_utils.sync_global_devices("export_model:done")
+  return directory if primary else None
