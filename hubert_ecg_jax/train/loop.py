@@ -31,7 +31,7 @@ from hubert_ecg_jax.config import HubertECGConfig
 from hubert_ecg_jax.model import HubertECG
 from hubert_ecg_jax.objectives import validation_metrics
 from hubert_ecg_jax.train.checkpointing import (CheckpointManager, DataPosition, abstract_like,
-                                                export_model)
+                                                export_model, host_copy)
 from hubert_ecg_jax.train.launchers import make_launcher
 from hubert_ecg_jax.train.logging import MetricsWriter
 from hubert_ecg_jax.train.optimizer import OptimizerConfig, linear_warmup_decay, make_optimizer
@@ -261,7 +261,7 @@ class Pretrainer:
       self.print(f"resumed from step {manager.latest_step} in {manager.directory}")
     else:
       state = launcher.place_state(self._new_state(init_params))
-    step = int(launcher.to_host(launcher.checkpoint_view(state).step))
+    step = int(host_copy(launcher.checkpoint_view(state).step))
     if position is None:
       self.print("note: the batches have no save/restore: a resumed run will not continue the "
                  "data stream where this one stopped")
