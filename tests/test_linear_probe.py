@@ -101,7 +101,3 @@ def test_regression_probe_reports_mse_mae_r2(data):
   assert 0 < summary["regression"]["mse"] < 0.25  # better than predicting the mean (variance 0.1875)
   rows = (out / "metrics.csv").read_text().splitlines()
   assert rows[0] == "target,mse,mae,r2" and len(rows) == 5
-  predictions = data["root"] / "predict_regression"
-  assert cli.main(["predict", str(model), str(data["wfdb"]), "--out", str(predictions), "--quiet"]) == 0
-  record = json.loads((predictions / "predictions.json").read_text())["records"][0]
-  assert set(record["values"]) == {"SB", "STach", "RBBB", "STE"} and record["findings"] == []
