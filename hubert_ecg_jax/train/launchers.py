@@ -23,15 +23,23 @@ LAUNCHERS = ("mesh", "pmap")
 
 
 def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A one-axis `("data",)` mesh over `devices` (default: all devices of all processes)."""
+  """A one-axis `("data",)` mesh over `devices` (default: all devices of all processes).
+
+  The axis type is Auto (not `jax.make_mesh`'s default Explicit): the mesh `jax.pmap` builds
+  itself, so arrays of both launchers share shardings and checkpoints.
+  """
   devices = list(jax.devices() if devices is None else devices)
   return Mesh(np.asarray(devices), (AXIS,))
 
 
 def _replicated(x: Any, sharding: NamedSharding) -> jax.Array:
   """`x` (host array, local or global jax.Array) as an array replicated under `sharding`."""
-  if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    return jax.device_put(x, sharding)
+  if isinstance(x, jax.Array):
+    if x.sharding == sharding:
+      return x
+    if not x.is_fully_addressable or jax.process_count() == 1:
+      return jax.device_put(x, sharding)
+  # A host value (the same on every process): each process places its copies.
   return jax.make_array_from_process_local_data(sharding, np.asarray(x))
 
 

@@ -9,7 +9,8 @@ the same keys; see `step.py`) and trains until `total_steps`:
   3. every `log_every` steps: metrics to stdout and TensorBoard (`workdir/tensorboard`);
   4. every `val_every` steps and at the end: validation, then a checkpoint carrying the val loss;
      every `checkpoint_every` steps: a checkpoint;
-  5. on SIGTERM or SIGINT: finish the step, checkpoint, return (a second Ctrl-C interrupts at once);
+  5. on SIGTERM or SIGINT (to any process): finish the step, checkpoint, return (a second Ctrl-C
+     interrupts at once);
      after `max_nonfinite_streak` non-finite steps in a row: checkpoint, stop with a message;
   6. at the end: export the final params to `workdir/model` (and the best by validation loss to
      `workdir/model_best`) as model directories for fine-tuning.
@@ -279,8 +280,8 @@ class Pretrainer:
 
     with StopSignals() as signals, bar:
       while step < loop.total_steps:
-        if signals.received:
-          stop_reason = signals.received
+        if self._stop_requested(signals):
+          stop_reason = signals.received or "SIGTERM"  # another process got it
           break
         batch = self.check_batch(next(train_batches), training=True)
         global_batch = batch["x"].shape[0] * jax.process_count()
@@ -324,6 +325,15 @@ class Pretrainer:
       return TrainResult(step, stop_reason, metrics, val_loss, None)
     return TrainResult(step, stop_reason, metrics, val_loss,
                        self._export(workdir, state, manager, step))
+
+  @staticmethod
+  def _stop_requested(signals: StopSignals) -> bool:
+    """Whether any process got a stop signal: all processes must stop at the same step."""
+    if jax.process_count() == 1:
+      return signals.received is not None
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.process_allgather(np.array([signals.received is not None])).any())
 
   def _export(self, workdir: pathlib.Path, state: TrainState, manager: CheckpointManager,
               step: int) -> pathlib.Path | None:
