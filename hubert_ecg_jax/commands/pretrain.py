@@ -110,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
       raise ValueError("multi-host needs all of --coordinator, --num-processes and --process-id")
     import jax
 
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU hosts; GPUs use NCCL
     jax.distributed.initialize(coordinator_address=args.coordinator,
                                num_processes=args.num_processes, process_id=args.process_id)
   result = pretrain_from_config(config, args.workdir)
