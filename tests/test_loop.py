@@ -1,7 +1,6 @@
 """The training loop: resume to the bit, graceful SIGTERM, validation, best checkpoint, export."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import pathlib
@@ -142,12 +141,9 @@ def test_checkpoints_keep_last_and_best_and_models_are_exported(trainer, straigh
   assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
 
 
-def test_pmap_loop_stops_after_non_finite_steps_then_resumes(trainer, tmp_path) -> None:
-  base, lines = trainer
-  loop = dataclasses.replace(base.loop, launcher="pmap", total_steps=5, val_every=0)
-  pretrainer = Pretrainer(base.model_config, dataclasses.replace(base.optimizer_config, total_steps=5),
-                          loop, print_fn=lines.append)
-  result = pretrainer.run(tmp_path, ToyBatches(corrupt=True), _validation)
+def test_stops_after_non_finite_steps_in_a_row(trainer, tmp_path) -> None:
+  pretrainer, lines = trainer
+  result = pretrainer.run(tmp_path, ToyBatches(corrupt=True))
   assert result.stop_reason == "nonfinite" and result.step <= 3
   assert any("2 steps in a row had a non-finite loss" in line for line in lines)
   state = _final_state(pretrainer, tmp_path)
@@ -155,10 +151,6 @@ def test_pmap_loop_stops_after_non_finite_steps_then_resumes(trainer, tmp_path) 
   for ours, theirs in zip(jax.tree.leaves(state.params), jax.tree.leaves(fresh.params)):
     np.testing.assert_array_equal(ours, theirs)
   assert int(state.skipped_steps) == result.step
-  # Fixed data: the run resumes (into the pmap layout), trains, validates at the end, exports.
-  result = pretrainer.run(tmp_path, ToyBatches(), _validation)
-  assert result.stop_reason == "finished" and result.step == 5 and np.isfinite(result.val_loss)
-  assert load_model(tmp_path / "model")[2]["step"] == 5
 
 
 def test_batches_are_checked_with_clear_errors(trainer) -> None:
@@ -177,7 +169,7 @@ def test_batches_are_checked_with_clear_errors(trainer) -> None:
     Pretrainer(pretrainer.model_config, OptimizerConfig(total_steps=10), pretrainer.loop)
 
 
-def test_pretrain_command_on_records(tmp_path, capsys) -> None:
+def test_pretrain_command_on_records_with_the_pmap_launcher(tmp_path, capsys) -> None:
   from hubert_ecg_jax.cli import main
   from hubert_ecg_jax.data import records
 
@@ -189,7 +181,8 @@ def test_pretrain_command_on_records(tmp_path, capsys) -> None:
   records.write_records(tmp_path / "records", stored, ["none"], num_shards=2)
   overrides = [f"--config.data.train_dir={tmp_path / 'records'}",
                f"--config.data.val_dir={tmp_path / 'records'}", "--config.data.batch_size=8",
-               "--config.train.total_steps=2", "--config.train.progress=false"]
+               "--config.train.total_steps=2", "--config.train.progress=false",
+               "--config.train.launcher=pmap"]
   assert main(["pretrain", "demo_pretrain", str(tmp_path / "run"), *overrides]) == 0
   out = capsys.readouterr().out
   assert "[train] step 2:" in out and "[val] step 2:" in out

@@ -154,3 +154,14 @@ def test_iteration_switch_keeps_backbone_and_projection(setup) -> None:
   with pytest.raises(ValueError, match=r"do not fit the new iteration's architecture .*'final_proj_0'"):
     next_iteration_params(state.params, new_config.replace(classifier_proj_size=8),
                           jax.random.PRNGKey(1))
+
+
+@pytest.mark.parametrize("kind,devices", [("mesh", 1), ("mesh", 8), ("pmap", 8)])
+def test_placed_state_is_a_copy_the_donating_step_may_consume(kind: str, devices: int) -> None:
+  launcher = make_launcher(kind, lambda s, b: (jax.tree.map(lambda x: x + 1, s), {}),
+                           lambda p, b: {}, jax.devices()[:devices])
+  mine = {"w": jnp.ones(3)}
+  placed = launcher.place_state(mine)
+  new, _ = launcher.train_step(placed, launcher.place_batch({"x": np.zeros((8, 2))}))
+  assert not mine["w"].is_deleted() and placed["w"].is_deleted()  # donated, as intended
+  np.testing.assert_array_equal(jax.tree.map(np.asarray, launcher.checkpoint_view(new))["w"], 2.0)

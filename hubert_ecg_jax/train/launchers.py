@@ -33,12 +33,12 @@ def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
 
 
 def _replicated(x: Any, sharding: NamedSharding) -> jax.Array:
-  """`x` (host array, local or global jax.Array) as an array replicated under `sharding`."""
-  if isinstance(x, jax.Array):
-    if x.sharding == sharding:
-      return x
-    if not x.is_fully_addressable or jax.process_count() == 1:
-      return jax.device_put(x, sharding)
+  """`x` (host array, local or global jax.Array) as a new array replicated under `sharding`.
+
+  Always a copy: the train step donates the state, which must not delete the caller's arrays.
+  """
+  if isinstance(x, jax.Array) and (not x.is_fully_addressable or jax.process_count() == 1):
+    return jax.device_put(x.copy(), sharding)  # device_put alone may reuse x's buffers
   # A host value (the same on every process): each process places its copies.
   return jax.make_array_from_process_local_data(sharding, np.asarray(x))
 
