@@ -5,7 +5,8 @@ replicated arrays) and `data` (the input iterator's position, one file set per p
 writes to a temporary directory and renames it when complete, so a crash never leaves a half
 checkpoint. Kept: the last `keep_last` checkpoints and the `keep_best` ones with the lowest
 validation loss. Restoring goes into abstract arrays built for the *current* devices, so a run
-saved on 8 devices resumes on 1 and the other way round.
+saved on 8 devices resumes on 1 and the other way round. A latest checkpoint that cannot be read
+(damaged after it was written) is skipped with a warning for the next older one.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import os
 import pathlib
 import shutil
 import tempfile
+import warnings
 from typing import Any
 
 import jax
@@ -101,6 +103,8 @@ class CheckpointManager:
       keep.append(policies.BestN(get_metric_fn=lambda metrics: metrics[BEST_METRIC], reverse=True,
                                  n=keep_best, keep_checkpoints_without_metrics=False))
     self.directory = pathlib.Path(directory).absolute()
+    self.restored_step: int | None = None  # the step the last `restore` read
+    self._unreadable: set[int] = set()  # steps a restore could not read: saving them rewrites them
     self._checkpointer = ocp.training.Checkpointer(
         self.directory, preservation_policy=policies.AnyPreservationPolicy(keep))
 
@@ -128,6 +132,9 @@ class CheckpointManager:
   def save(self, step: int, state: Any, data_position: DataPosition | None = None,
            val_loss: float | None = None) -> bool:
     """Saves `state` (replicated arrays) and the data position at `step`; False if already saved."""
+    if step in self._unreadable:
+      self._checkpointer.delete(step)
+      self._unreadable.discard(step)
     if step in self.steps:
       return False
     items = {STATE: state}
@@ -138,13 +145,38 @@ class CheckpointManager:
 
   def restore(self, abstract_state: Any, data_position: DataPosition | None = None,
               step: int | None = None) -> Any:
-    """The state at `step` (default: latest) placed as `abstract_state` says; the data position
-    is restored into `data_position` when given."""
-    items = {STATE: abstract_state}
-    if data_position is not None:
-      items[DATA] = data_position
-    restored = self._checkpointer.load_checkpointables(step, items)
-    return restored[STATE]
+    """The state at `step` placed as `abstract_state` says; the data position is restored into
+    `data_position` when given and the checkpoint holds one.
+
+    Without `step`: the latest checkpoint that can be read. One that fails to read is skipped with
+    a warning naming it and the error (and rewritten when the run saves that step again); if none
+    can be read, a RuntimeError lists every failure. `restored_step` tells which step was read.
+    """
+    candidates = [step] if step is not None else sorted(self.steps, reverse=True)
+    if not candidates:
+      raise FileNotFoundError(f"no checkpoint to restore in {self.directory}")
+    failures = []
+    for candidate in candidates:
+      items = {STATE: abstract_state}
+      if data_position is not None and self.has_data_position(candidate):
+        items[DATA] = data_position
+      try:
+        restored = self._checkpointer.load_checkpointables(candidate, items)
+      except Exception as error:
+        if step is not None:
+          raise
+        failures.append(f"step {candidate}: {type(error).__name__}: {error}")
+        self._unreadable.add(candidate)
+        older = [s for s in candidates if s < candidate]
+        warnings.warn(f"checkpoint {self.directory / str(candidate)} cannot be read "
+                      f"({type(error).__name__}: {error}); "
+                      + (f"trying step {older[0]} instead" if older else "no older checkpoint left"),
+                      stacklevel=2)
+        continue
+      self.restored_step = candidate
+      return restored[STATE]
+    raise RuntimeError(f"no checkpoint in {self.directory} can be read (damaged or of another "
+                       "model?):\n  " + "\n  ".join(failures))
 
   def close(self) -> None:
     self._checkpointer.close()

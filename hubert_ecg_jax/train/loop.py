@@ -257,9 +257,8 @@ class Pretrainer:
            writer: MetricsWriter) -> TrainResult:
     loop, launcher = self.loop, self.launcher
     if manager.latest_step is not None:
-      restore_position = position if manager.has_data_position(manager.latest_step) else None
-      state = launcher.place_state(manager.restore(self._abstract_state(), restore_position))
-      self.print(f"resumed from step {manager.latest_step} in {manager.directory}")
+      state = launcher.place_state(manager.restore(self._abstract_state(), position))
+      self.print(f"resumed from step {manager.restored_step} in {manager.directory}")
     else:
       state = launcher.place_state(self._new_state(init_params))
     step = int(host_copy(launcher.checkpoint_view(state).step))
