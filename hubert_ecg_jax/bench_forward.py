@@ -1,7 +1,13 @@
 """Forward-pass benchmark: our JAX model (float32 and bf16 compute) against `transformers`' PyTorch
-HubertModel with the same weights, measured interleaved in one run so machine drift hits both."""
+HubertModel with the same weights, measured interleaved in one run so machine drift hits both.
+
+The PyTorch side runs in a worker process of its own (`WorkerTimer`): in a process where XLA:CPU
+has run, PyTorch's CPU forward was measured 3x slower than alone (8.1 -> 2.4 ECG/s, base, batch 8),
+which would flatter us. The two processes take turns; neither computes while the other is timed.
+"""
 from __future__ import annotations
 
+import multiprocessing
 import statistics
 import time
 from typing import Any, Callable
@@ -21,17 +27,66 @@ def time_call(fn: Callable[[], Any]) -> float:
   return time.perf_counter() - start
 
 
-def interleaved_medians(candidates: dict[str, Callable[[], Any]], repeats: int,
+def interleaved_medians(candidates: dict[str, Callable[[], float]], repeats: int,
                         warmup: int = 1) -> dict[str, float]:
-  """Median seconds per call of each candidate, calling them in turn `repeats` times."""
-  for fn in candidates.values():
+  """Median seconds of each candidate (a call returns the seconds it took), run in turn `repeats` times."""
+  for timed in candidates.values():
     for _ in range(warmup):
-      fn()
+      timed()
   times: dict[str, list[float]] = {name: [] for name in candidates}
   for _ in range(repeats):
-    for name, fn in candidates.items():
-      times[name].append(time_call(fn))
+    for name, timed in candidates.items():
+      times[name].append(timed())
   return {name: statistics.median(values) for name, values in times.items()}
+
+
+def _worker(connection: Any, factory: Callable[..., Callable[[], Any]], args: tuple) -> None:
+  try:
+    fn = factory(*args)
+  except Exception as error:  # reported to the parent, which raises it
+    connection.send(f"error: {type(error).__name__}: {error}")
+    return
+  connection.send("ready")
+  while connection.recv() == "run":
+    connection.send(time_call(fn))
+
+
+class WorkerTimer:
+  """Builds `factory(*args)` in a spawned process; each call runs it there once and returns seconds."""
+
+  def __init__(self, factory: Callable[..., Callable[[], Any]], *args: Any):
+    context = multiprocessing.get_context("spawn")
+    self._connection, child = context.Pipe()
+    self._process = context.Process(target=_worker, args=(child, factory, args), daemon=True)
+    self._process.start()
+    status = self._connection.recv()
+    if status != "ready":
+      self.close()
+      raise RuntimeError(f"benchmark worker failed to start: {status}")
+
+  def __call__(self) -> float:
+    self._connection.send("run")
+    return self._connection.recv()
+
+  def close(self) -> None:
+    if self._process.is_alive():
+      self._connection.send("stop")
+      self._process.join(timeout=30)
+
+
+def torch_forward(config: HubertECGConfig, params: dict, x: np.ndarray) -> Callable[[], Any]:
+  """transformers' HubertModel (sdpa attention, eval, float32) carrying `params`, on batch `x`."""
+  import torch
+
+  from hubert_ecg_jax.torch_reference import TorchHubertECG
+  reference = TorchHubertECG(config, attn_implementation="sdpa").eval()
+  reference.load_flax_params(params)
+  x_torch = torch.from_numpy(x)
+
+  def forward():
+    with torch.inference_mode():
+      reference.hubert(x_torch)
+  return forward
 
 
 def run_forward_benchmark(size: str = "base", batch: int = 8, repeats: int = 5,
@@ -40,27 +95,23 @@ def run_forward_benchmark(size: str = "base", batch: int = 8, repeats: int = 5,
   x = np.random.default_rng(0).uniform(-1, 1, (batch, 6000)).astype(np.float32)
   model = HubertECG(config)
   params = jax.jit(model.init)({"params": jax.random.key(0)}, jnp.asarray(x[:1]))["params"]
-  candidates: dict[str, Callable[[], Any]] = {}
+  candidates: dict[str, Callable[[], float]] = {}
   x_device = jax.device_put(x)
   for dtype in ("float32", "bfloat16"):
     fast_model = HubertECG(config.replace(compute_dtype=dtype), pretraining_heads=False)
     forward = jax.jit(lambda p, v, m=fast_model: m.apply({"params": p}, v).last_hidden_state)
     backbone = {k: v for k, v in params.items() if not k.startswith(("final_proj", "label_embedding"))}
     candidates[f"jax_{'fp32' if dtype == 'float32' else 'bf16'}"] = (
-        lambda f=forward, p=backbone: f(p, x_device).block_until_ready())
+        lambda f=forward, p=backbone: time_call(lambda: f(p, x_device).block_until_ready()))
+  worker = None
   if with_torch:
-    import torch
-
-    from hubert_ecg_jax.torch_reference import TorchHubertECG
-    reference = TorchHubertECG(config, attn_implementation="sdpa").eval()
-    reference.load_flax_params(params)
-    x_torch = torch.from_numpy(x)
-
-    def torch_forward():
-      with torch.inference_mode():
-        reference.hubert(x_torch)
-    candidates["torch_fp32"] = torch_forward
-  seconds = interleaved_medians(candidates, repeats)
+    worker = WorkerTimer(torch_forward, config, jax.tree_util.tree_map(np.asarray, params), x)
+    candidates["torch_fp32"] = worker
+  try:
+    seconds = interleaved_medians(candidates, repeats)
+  finally:
+    if worker is not None:
+      worker.close()
   flops = forward_flops(config, with_logits=False)
   device = jax.devices()[0]
   peak = peak_flops(device.device_kind)

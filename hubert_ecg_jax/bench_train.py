@@ -13,7 +13,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from hubert_ecg_jax.bench_forward import interleaved_medians
+from hubert_ecg_jax.bench_forward import WorkerTimer, interleaved_medians, time_call
 from hubert_ecg_jax.config import HubertECGConfig
 from hubert_ecg_jax.flops import peak_flops, train_step_flops
 from hubert_ecg_jax.masking import sample_span_mask
@@ -92,13 +92,19 @@ def run_train_benchmark(size: str = "base", batch: int = 8, repeats: int = 5,
   config = HubertECGConfig.preset(size, layerdrop=0.0)
   data = benchmark_batch(config, batch)
   params = init_params(config, jax.random.PRNGKey(0))
-  candidates: dict[str, Callable[[], None]] = {
-      "jax_fp32": _jax_step(config, params, data),
-      "jax_bf16": _jax_step(config.replace(compute_dtype="bfloat16"), params, data),
-  }
-  if with_torch:
-    candidates["torch_fp32"] = _torch_step(config, params, data)
-  seconds = interleaved_medians(candidates, repeats)
+  candidates: dict[str, Callable[[], float]] = {
+      name: (lambda step=_jax_step(step_config, params, data): time_call(step))
+      for name, step_config in (("jax_fp32", config),
+                                ("jax_bf16", config.replace(compute_dtype="bfloat16")))}
+  worker = None
+  if with_torch:  # in a process of its own: see bench_forward's docstring
+    worker = WorkerTimer(_torch_step, config, jax.tree.map(np.asarray, params), data)
+    candidates["torch_fp32"] = worker
+  try:
+    seconds = interleaved_medians(candidates, repeats)
+  finally:
+    if worker is not None:
+      worker.close()
   flops = train_step_flops(config)
   device = jax.devices()[0]
   peak = peak_flops(device.device_kind)
