@@ -269,7 +269,7 @@ def _train(settings: FinetuneSettings, prepared: Prepared, workdir: pathlib.Path
     if manager.latest_step is not None:
       abstract = abstract_like(jax.eval_shape(new_state), trainer.replicated)
       state = manager.restore(abstract, position)
-      print_fn(f"resumed from step {manager.latest_step} in {manager.directory}")
+      print_fn(f"resumed from step {manager.restored_step} in {manager.directory}")
     else:
       state = trainer.place_state(new_state())
     return _loop(settings, prepared, workdir, trainer, runner, batches, position, manager, writer,
