@@ -103,28 +103,38 @@ def run_forward_benchmark(size: str = "base", batch: int = 8, repeats: int = 5,
     backbone = {k: v for k, v in params.items() if not k.startswith(("final_proj", "label_embedding"))}
     candidates[f"jax_{'fp32' if dtype == 'float32' else 'bf16'}"] = (
         lambda f=forward, p=backbone: time_call(lambda: f(p, x_device).block_until_ready()))
+  torch_side = (torch_forward, config, jax.tree_util.tree_map(np.asarray, params), x)
+  return measure(candidates, torch_side if with_torch else None, repeats,
+                 forward_flops(config, with_logits=False), {"size": size, "batch": batch})
+
+
+def measure(candidates: dict[str, Callable[[], float]], torch_side: tuple | None, repeats: int,
+            flops_per_ecg: int, info: dict[str, Any]) -> dict[str, Any]:
+  """Times the candidates (plus `torch_fp32` built as `torch_side[0](*torch_side[1:])` in a worker
+  process) interleaved, and reports ECG/s, GFLOP/s, MFU (on known accelerators) and ratios."""
   worker = None
-  if with_torch:
-    worker = WorkerTimer(torch_forward, config, jax.tree_util.tree_map(np.asarray, params), x)
-    candidates["torch_fp32"] = worker
+  if torch_side is not None:
+    worker = WorkerTimer(*torch_side)
+    candidates = {**candidates, "torch_fp32": worker}
   try:
     seconds = interleaved_medians(candidates, repeats)
   finally:
     if worker is not None:
       worker.close()
-  flops = forward_flops(config, with_logits=False)
+  batch = info["batch"]
   device = jax.devices()[0]
   peak = peak_flops(device.device_kind)
-  result: dict[str, Any] = {"size": size, "batch": batch, "repeats": repeats,
-                            "device": device.device_kind, "gflop_per_ecg": flops / 1e9}
+  result: dict[str, Any] = {**info, "repeats": repeats, "device": device.device_kind,
+                            "gflop_per_ecg": flops_per_ecg / 1e9}
   for name, secs in seconds.items():
     result[f"{name}_ecg_per_s"] = batch / secs
-    result[f"{name}_gflop_per_s"] = batch * flops / secs / 1e9
-  if peak and "jax_bf16" in seconds:
-    result["jax_bf16_mfu"] = batch * flops / seconds["jax_bf16"] / peak
+    result[f"{name}_gflop_per_s"] = batch * flops_per_ecg / secs / 1e9
+    if peak and name.startswith("jax"):
+      result[f"{name}_mfu"] = batch * flops_per_ecg / secs / peak
   if "torch_fp32" in seconds:
-    for name in ("jax_fp32", "jax_bf16"):
-      result[f"{name}_vs_torch"] = seconds["torch_fp32"] / seconds[name]
+    for name in seconds:
+      if name.startswith("jax"):
+        result[f"{name}_vs_torch"] = seconds["torch_fp32"] / seconds[name]
   return result
 
 

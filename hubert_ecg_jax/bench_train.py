@@ -13,9 +13,9 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from hubert_ecg_jax.bench_forward import WorkerTimer, interleaved_medians, time_call
+from hubert_ecg_jax.bench_forward import measure, time_call
 from hubert_ecg_jax.config import HubertECGConfig
-from hubert_ecg_jax.flops import peak_flops, train_step_flops
+from hubert_ecg_jax.flops import train_step_flops
 from hubert_ecg_jax.masking import sample_span_mask
 from hubert_ecg_jax.model import HubertECG
 from hubert_ecg_jax.train.launchers import MeshLauncher
@@ -96,27 +96,6 @@ def run_train_benchmark(size: str = "base", batch: int = 8, repeats: int = 5,
       name: (lambda step=_jax_step(step_config, params, data): time_call(step))
       for name, step_config in (("jax_fp32", config),
                                 ("jax_bf16", config.replace(compute_dtype="bfloat16")))}
-  worker = None
-  if with_torch:  # in a process of its own: see bench_forward's docstring
-    worker = WorkerTimer(_torch_step, config, jax.tree.map(np.asarray, params), data)
-    candidates["torch_fp32"] = worker
-  try:
-    seconds = interleaved_medians(candidates, repeats)
-  finally:
-    if worker is not None:
-      worker.close()
-  flops = train_step_flops(config)
-  device = jax.devices()[0]
-  peak = peak_flops(device.device_kind)
-  result: dict[str, Any] = {"size": size, "batch": batch, "repeats": repeats,
-                            "device": device.device_kind, "gflop_per_ecg": flops / 1e9}
-  for name, secs in seconds.items():
-    result[f"{name}_ecg_per_s"] = batch / secs
-    result[f"{name}_gflop_per_s"] = batch * flops / secs / 1e9
-  if peak:
-    result["jax_bf16_mfu"] = batch * flops / seconds["jax_bf16"] / peak
-    result["jax_fp32_mfu"] = batch * flops / seconds["jax_fp32"] / peak
-  if "torch_fp32" in seconds:
-    for name in ("jax_fp32", "jax_bf16"):
-      result[f"{name}_vs_torch"] = seconds["torch_fp32"] / seconds[name]
-  return result
+  torch_side = (_torch_step, config, jax.tree.map(np.asarray, params), data)  # own process
+  return measure(candidates, torch_side if with_torch else None, repeats,
+                 train_step_flops(config), {"size": size, "batch": batch})

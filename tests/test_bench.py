@@ -3,15 +3,19 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from hubert_ecg_jax.cli import main as cli_main
 from hubert_ecg_jax.config import HubertECGConfig
 from hubert_ecg_jax.flops import forward_flops, peak_flops
 
 
-def test_bench_forward_json(capsys):
-  assert cli_main(["bench", "forward", "--size", "tiny", "--batch", "2", "--repeats", "1", "--json"]) == 0
+@pytest.mark.parametrize("what", ["forward", "train"])
+def test_bench_json(capsys, what):
+  assert cli_main(["bench", what, "--size", "tiny", "--batch", "2", "--repeats", "1", "--json"]) == 0
   result = json.loads(capsys.readouterr().out)
-  for key in ("jax_fp32_ecg_per_s", "jax_bf16_ecg_per_s", "torch_fp32_ecg_per_s"):
+  for key in ("jax_fp32_ecg_per_s", "jax_bf16_ecg_per_s", "torch_fp32_ecg_per_s",
+              "jax_fp32_vs_torch", "jax_bf16_vs_torch"):
     assert result[key] > 0
 
 
