@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
       raise ValueError(f"unexpected arguments {unknown}: overrides look like --config.KEY=VALUE")
     for name, value in vars(given).items():
-      if value not in (None, False):
+      if value is not None and value is not False:  # 0 (process 0) is a value
         setattr(args, name, value)
   config = load_config(args.config, overrides)
   if args.print_config:
