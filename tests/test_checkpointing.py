@@ -118,6 +118,24 @@ def test_tf_data_iterator_position(tmp_path) -> None:
   np.testing.assert_array_equal([next(resumed).numpy() for _ in range(3)], expected)
 
 
+def test_data_position_of_another_process_count_is_skipped_with_a_warning(tmp_path) -> None:
+  """A run saved by 2 processes resumes in 1: state restored, data stream restarted, and said so."""
+  import shutil
+
+  restored_into = []
+  position = DataPosition((lambda path: pathlib.Path(path).write_text("p"),
+                           lambda path: restored_into.append(path)))
+  state = jax.device_put(_state(), NamedSharding(data_mesh(jax.devices()[:1]), P()))
+  manager = CheckpointManager(tmp_path)
+  manager.save(4, state, position)
+  data_dir = next(p for p in (tmp_path / "4").iterdir() if (p / "process_0").is_dir())
+  shutil.copytree(data_dir / "process_0", data_dir / "process_1")  # as a second host would write
+  with pytest.warns(UserWarning, match="saved by 2 process.*this run has 1.*restarts from its seed"):
+    restored = manager.restore(abstract_like(_state(), state.step.sharding), position)
+  _assert_same(restored, state)
+  assert restored_into == [] and manager.restored_step == 4
+
+
 def test_bad_settings_and_sources_raise(tmp_path) -> None:
   with pytest.raises(ValueError, match="save\\(path\\) and restore\\(path\\)"):
     DataPosition(object())

@@ -97,6 +97,12 @@ def test_two_processes_train_like_one_and_their_checkpoint_resumes_in_one(tmp_pa
   assert multi_meta["step"] == single_meta["step"] == 3
   _assert_same_params(multi_params, single_params)
 
-  # The model the 2-process run exported restores in this single process (load_model above).
-  # Resuming its checkpoint with 1 process fails: the saved tf.data iterator holds per-host
-  # batches of 8, not 16 (found while writing this test; not covered here).
+  # The model the 2-process run exported restores in this single process (load_model above), and
+  # its training checkpoint resumes in one process: state restored, the per-host data positions
+  # (batches of 8 each) cannot continue as one stream of 16, so the stream restarts, with a warning.
+  (resumed,) = _wait_all([_pretrain(tmp_path / "multi", records_dir, 8, 4)])
+  assert "resumed from step 3" in resumed, resumed[-3000:]
+  assert "saved by 2 process(es) and this run has 1" in resumed
+  assert "[train] step 4:" in resumed
+  _, _, resumed_meta = load_model(tmp_path / "multi" / "model")
+  assert resumed_meta["step"] == 4

@@ -129,6 +129,21 @@ class CheckpointManager:
     """Whether the checkpoint at `step` holds a data position."""
     return (self.directory / str(step) / DATA).is_dir()
 
+  def _data_position_matches(self, step: int) -> bool:
+    """Whether the data position at `step` was saved by as many processes as this run has.
+
+    Each process saves its own iterator state (its share of the global batch); another process
+    count cannot continue them. The state is still restored and the data stream restarts.
+    """
+    saved = len(list((self.directory / str(step) / DATA).glob("process_*")))
+    if saved == jax.process_count():
+      return True
+    warnings.warn(f"the data position in checkpoint {step} was saved by {saved} process(es) and "
+                  f"this run has {jax.process_count()}: parameters, optimizer state and step are "
+                  "restored, but the data stream restarts from its seed instead of continuing",
+                  stacklevel=3)
+    return False
+
   def save(self, step: int, state: Any, data_position: DataPosition | None = None,
            val_loss: float | None = None) -> bool:
     """Saves `state` (replicated arrays) and the data position at `step`; False if already saved."""
@@ -158,7 +173,8 @@ class CheckpointManager:
     failures = []
     for candidate in candidates:
       items = {STATE: abstract_state}
-      if data_position is not None and self.has_data_position(candidate):
+      if (data_position is not None and self.has_data_position(candidate)
+          and self._data_position_matches(candidate)):
         items[DATA] = data_position
       try:
         restored = self._checkpointer.load_checkpointables(candidate, items)
