@@ -88,7 +88,8 @@ def test_when_no_checkpoint_can_be_read_the_error_lists_each_failure(tmp_path) -
     with pytest.raises(RuntimeError, match=r"(?s)no checkpoint in .*checkpoints can be read.*"
                        r"step 2: \w+.*step 1: \w+"):
       manager.restore(abstract)
-  messages = [str(warning.message) for warning in caught]
+  # Ours only: Orbax may add a RuntimeWarning (a coroutine of the failed read never awaited).
+  messages = [str(warning.message) for warning in caught if "cannot be read" in str(warning.message)]
   assert len(messages) == 2 and "trying step 1 instead" in messages[0]
   assert "no older checkpoint left" in messages[1]
   with pytest.raises(FileNotFoundError, match="no checkpoint to restore"):
