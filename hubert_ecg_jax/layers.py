@@ -11,6 +11,7 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 Array = jax.Array
@@ -28,19 +29,6 @@ def matmul(x: Array, kernel: Array, compute_dtype: jnp.dtype) -> Array:
       (((x.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
 
-class LinearWeights(nn.Module):
-  """The float32 parameters of a dense layer: kernel (in, out) and bias (out,)."""
-
-  in_features: int
-  features: int
-
-  @nn.compact
-  def __call__(self) -> tuple[Array, Array]:
-    kernel = self.param("kernel", nn.initializers.normal(0.02), (self.in_features, self.features),
-                        jnp.float32)
-    return kernel, self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-
-
 class Linear(nn.Module):
   """A dense layer whose kernel is stored (in, out) in float32 and multiplied in `compute_dtype`."""
 
@@ -55,68 +43,104 @@ class Linear(nn.Module):
     return matmul(x, kernel, self.compute_dtype) + bias
 
 
-def conv1d(x: Array, kernel: Array, stride: int, groups: int, compute_dtype: jnp.dtype) -> Array:
-  """VALID 1-D convolution. x: (batch, time, in); kernel: (width, in // groups, out).
+def conv1d(x: Array, kernel: Array, stride: int, compute_dtype: jnp.dtype) -> Array:
+  """VALID 1-D convolution. x: (batch, time, in); kernel: (width, in, out) -> float32 (batch, frames, out).
 
-  In bf16, an ungrouped conv over many channels runs as strided slices + one matrix product
-  (XLA:CPU has a native bf16 product but not a native bf16 convolution: 81 vs 101 ms for the
-  base feature encoder's convs 1-4, batch 8); float32 keeps XLA's convolution, which is faster.
+  float32 keeps XLA's convolution (oneDNN on CPU: the fastest float32 path). In bf16 a conv over many
+  channels runs as matrix products instead, because XLA:CPU has a native bf16 product but no native
+  bf16 convolution: time is folded into blocks of `stride` samples, (batch, blocks, stride * in), so
+  that output frame t reads blocks t .. t + ceil(width / stride) - 1 (the last one in part), one
+  product per block offset and no im2col copy (base feature encoder, batch 8: 61 vs 117 ms).
   """
-  if compute_dtype == jnp.bfloat16 and groups == 1 and x.shape[-1] >= 64:
-    width = kernel.shape[0]
-    frames = (x.shape[1] - width) // stride + 1
-    columns = jnp.concatenate(
-        [x[:, tap: tap + stride * (frames - 1) + 1: stride] for tap in range(width)], axis=-1)
-    return matmul(columns, kernel.reshape(-1, kernel.shape[-1]), compute_dtype)
-  return lax.conv_general_dilated(
-      x.astype(compute_dtype), kernel.astype(compute_dtype), window_strides=(stride,),
-      padding="VALID", dimension_numbers=("NWC", "WIO", "NWC"), feature_group_count=groups,
-      preferred_element_type=jnp.float32)
+  width, channels, features = kernel.shape
+  if compute_dtype != jnp.bfloat16 or channels < 64:
+    return lax.conv_general_dilated(
+        x.astype(compute_dtype), kernel.astype(compute_dtype), window_strides=(stride,),
+        padding="VALID", dimension_numbers=("NWC", "WIO", "NWC"),
+        preferred_element_type=jnp.float32)
+  batch, time = x.shape[:2]
+  frames = (time - width) // stride + 1
+  offsets = -(-width // stride)  # blocks each output frame reads
+  blocks = frames - 1 + offsets
+  x = x.astype(compute_dtype)[:, :blocks * stride]
+  # Zeros appended here land only in the unread tail of the last block.
+  x = jnp.pad(x, ((0, 0), (0, blocks * stride - x.shape[1]), (0, 0)))
+  x = x.reshape(batch, blocks, stride * channels)
+  kernel = kernel.reshape(width * channels, features)  # rows ordered (tap, in), as a block's columns
+  y = None
+  for offset in range(offsets):
+    taps = min(stride, width - offset * stride)
+    rows = kernel[offset * stride * channels:(offset * stride + taps) * channels]
+    term = matmul(x[:, offset:offset + frames, :taps * channels], rows, compute_dtype)
+    y = term if y is None else y + term
+  return y  # (batch, frames, features)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def grouped_conv1d(x: Array, kernel: Array, groups: int, compute_dtype: jnp.dtype) -> Array:
-  """Stride-1 VALID grouped conv whose kernel gradient is itself a forward grouped convolution.
+@functools.lru_cache(maxsize=None)
+def _dft_tables(frames: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Real DFT tables of `same_grouped_conv` for `frames` inputs and a kernel of `width` taps.
 
-  XLA:CPU computes the kernel gradient of a wide grouped convolution (the positional conv: width
-  128, 16 groups) far slower than the forward pass; the backward rule below expresses that
-  gradient as an ordinary grouped convolution, which runs at forward speed. Same values as
-  autodiff (checked in tests/test_layers.py).
+  The circular correlation of length n = frames + max(pad, width - 1 - pad), pad = width // 2, wraps
+  no tap onto a real frame, so on frames 0 .. frames - 1 it equals the zero-padded linear one. With
+  F = n // 2 + 1 frequencies: to_freq_x (2F, frames) gives [Re; Im] of x's spectrum, to_freq_kernel
+  (2F, width) [Re; Im] of the kernel's conjugate spectrum, from_freq (frames, 2F) the inverse of a
+  real signal's half spectrum, read at the output frames.
   """
-  return conv1d(x, kernel, 1, groups, compute_dtype)
+  pad = width // 2
+  n = frames + max(pad, width - 1 - pad)
+  freqs = np.arange(n // 2 + 1)[:, None]  # (F, 1)
+  x_angle = 2 * np.pi * freqs * np.arange(frames)[None, :] / n
+  kernel_angle = 2 * np.pi * freqs * np.arange(width)[None, :] / n
+  to_freq_x = np.concatenate([np.cos(x_angle), -np.sin(x_angle)])
+  to_freq_kernel = np.concatenate([np.cos(kernel_angle), np.sin(kernel_angle)])
+  weight = np.full(freqs.shape[0], 2.0 / n)  # each frequency stands for itself and its mirror
+  weight[0] = 1.0 / n
+  if n % 2 == 0:
+    weight[-1] = 1.0 / n  # Nyquist
+  out_angle = 2 * np.pi * (np.arange(frames)[:, None] - pad) * freqs.T / n  # (frames, F)
+  from_freq = np.concatenate([weight * np.cos(out_angle), -weight * np.sin(out_angle)], axis=1)
+  return tuple(t.astype(np.float32) for t in (to_freq_x, to_freq_kernel, from_freq))
 
 
-def _grouped_conv1d_fwd(x, kernel, groups, compute_dtype):
-  return conv1d(x, kernel, 1, groups, compute_dtype), (x, kernel)
+def same_grouped_conv(x: Array, weight: Array, tap_scale: Array, groups: int,
+                      compute_dtype: jnp.dtype) -> Array:
+  """Grouped 'same' conv over time, computed through exact real DFTs (matrix products).
 
+  x: (batch, frames, channels); weight: (channels, channels // groups, width), PyTorch's Conv1d
+  layout, each tap k scaled by tap_scale[k] (weight norm). Returns float32 (batch, frames, channels):
+  y[b, t, o] = sum_{k, i} x[b, t + k - width // 2, i] * weight[o, i, k] * tap_scale[k] over the
+  inputs i of o's group, x zero outside its frames; PyTorch's `Conv1d(padding=width // 2,
+  groups=groups)` with an even width's extra last frame dropped.
 
-def _grouped_conv1d_bwd(groups, compute_dtype, residuals, dy):
-  x, kernel = residuals  # x: (batch, time_in, channels); kernel: (width, channels // groups, out)
-  width, in_per_group, out_channels = kernel.shape
-  batch, time_in, channels = x.shape
-  # Input gradient: autodiff's transposed convolution is fast on every backend.
-  _, x_vjp = jax.vjp(lambda x_: conv1d(x_, kernel, 1, groups, compute_dtype), x)
-  (dx,) = x_vjp(dy.astype(jnp.float32))
-  # Kernel gradient: dk[w, i, g*O + o] = sum_{b,t} x[b, t + w, g*I + i] * dy[b, t, g*O + o].
-  # As a grouped conv: batch <- i (in-channel within group), space <- time, features <- (g, b);
-  # the "kernel" is dy with space <- t, in-features <- b, out-features <- (g, o).
-  lhs = x.reshape(batch, time_in, groups, in_per_group).transpose(3, 1, 2, 0)
-  lhs = lhs.reshape(in_per_group, time_in, groups * batch)  # (I, time_in, groups*batch)
-  rhs = dy.transpose(1, 0, 2)  # (time_out, batch, out): per group, `batch` inputs -> O outputs
-  dk = lax.conv_general_dilated(
-      lhs.astype(compute_dtype), rhs.astype(compute_dtype), window_strides=(1,), padding="VALID",
-      dimension_numbers=("NWC", "WIO", "NWC"), feature_group_count=groups,
-      preferred_element_type=jnp.float32)  # (I, width, out)
-  dk = dk.transpose(1, 0, 2)
-  assert dk.shape == (width, in_per_group, out_channels), (dk.shape, kernel.shape)
-  return dx.astype(x.dtype), dk.astype(kernel.dtype)
-
-
-grouped_conv1d.defvjp(_grouped_conv1d_fwd, _grouped_conv1d_bwd)
+  Why not a convolution: at the positional conv's shape (93 frames, width 128, 16 groups) this
+  needs ~2 GFLOP per batch of 8 instead of 7, all of it matrix products (bf16 runs at the CPU's
+  bf16 product rate; XLA:CPU has no fast bf16 or grouped convolution) and so is its gradient
+  (XLA:CPU's kernel gradient of the grouped conv ran ~24x slower than its forward). The transforms
+  run in `compute_dtype`; the per-frequency channel mixing (many small products) in float32.
+  float32 is within 1e-6 relative of the direct convolution (tests/test_layers.py).
+  """
+  batch, frames, channels = x.shape
+  _, in_per_group, width = weight.shape
+  out_per_group = channels // groups
+  to_freq_x, to_freq_kernel, from_freq = _dft_tables(frames, width)
+  num_freqs = to_freq_x.shape[0] // 2
+  mixed = lambda eq, a, b: jnp.einsum(eq, a.astype(compute_dtype), b.astype(compute_dtype),
+                                      preferred_element_type=jnp.float32)
+  x = x.reshape(batch, frames, groups, in_per_group)
+  spectrum = mixed("ft,btgi->fgib", to_freq_x, x).reshape(2, num_freqs, groups, in_per_group, batch)
+  weight = weight.reshape(groups, out_per_group, in_per_group, width)
+  kernel_spectrum = mixed("fk,goik->fgoi", to_freq_kernel * tap_scale, weight)
+  kernel_spectrum = kernel_spectrum.reshape(2, num_freqs, groups, out_per_group, in_per_group)
+  (x_re, x_im), (k_re, k_im) = spectrum, kernel_spectrum
+  mix = lambda a, b: jnp.einsum("fgoi,fgib->fgob", a, b)  # float32, per (frequency, group)
+  out_spectrum = jnp.concatenate([mix(k_re, x_re) - mix(k_im, x_im),   # real part
+                                  mix(k_re, x_im) + mix(k_im, x_re)])  # (2F, groups, out, batch)
+  y = mixed("tf,fgob->btgo", from_freq, out_spectrum)
+  return y.reshape(batch, frames, channels)
 
 
 class PositionalConvEmbedding(nn.Module):
-  """Weight-normed grouped conv over time (kernel 128, 16 groups), last frame dropped, GELU.
+  """Weight-normed grouped conv over time (kernel 128, 16 groups), same length out, GELU.
 
   Parameters keep PyTorch's layout and weight-norm split: `weight_v` (out, in // groups, width),
   `weight_g` (1, 1, width) (weight norm over dim 2: one norm per kernel tap), `bias` (out,).
@@ -135,14 +159,8 @@ class PositionalConvEmbedding(nn.Module):
     weight_g = self.param("weight_g", lambda key, shape, dtype: _norm_over_taps(weight_v),
                           (1, 1, self.width), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (self.hidden_size,), jnp.float32)
-    weight = weight_g * weight_v / _norm_over_taps(weight_v)  # (out, in // groups, width)
-    kernel = weight.transpose(2, 1, 0)  # (width, in // groups, out)
-    pad = self.width // 2
-    x_padded = jnp.pad(x, ((0, 0), (pad, pad), (0, 0)))
-    y = grouped_conv1d(x_padded, kernel, self.groups, self.compute_dtype) + bias
-    if self.width % 2 == 0:  # an even kernel gives one frame too many: drop the last
-      y = y[:, :-1]
-    return gelu(y)
+    tap_scale = (weight_g / _norm_over_taps(weight_v)).reshape(self.width)  # weight norm per tap
+    return gelu(same_grouped_conv(x, weight_v, tap_scale, self.groups, self.compute_dtype) + bias)
 
 
 def _norm_over_taps(weight_v: Array) -> Array:
