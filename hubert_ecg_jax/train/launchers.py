@@ -82,6 +82,8 @@ class MeshLauncher(_DataParallel):
                devices: Sequence[jax.Device] | None = None):
     self.mesh = data_mesh(devices)
     self.batch_sharding = NamedSharding(self.mesh, P(AXIS))
+    # check_vma=False: the step sums its gradients over AXIS itself (psum, the same code runs under
+    # pmap); with varying-axis checking JAX would also sum the replicated params' cotangents.
     self._train = jax.jit(
         jax.shard_map(train_step, mesh=self.mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P()),
                       check_vma=False),
