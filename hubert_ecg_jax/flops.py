@@ -1,7 +1,8 @@
 """Model FLOPs of HuBERT-ECG, counted by hand (2 FLOPs per multiply-add, matrix products only).
 
 Used to report model-FLOPs utilisation (MFU) in the benchmarks. Norms, softmax and activations are
-left out, as is usual for MFU. A training step is counted as 3x the forward (forward + two
+left out, as is usual for MFU. The positional conv is counted as the padded convolution PyTorch
+runs, although `layers.same_grouped_conv` computes the same result with fewer. A training step is counted as 3x the forward (forward + two
 backward products per matrix product).
 """
 from __future__ import annotations
