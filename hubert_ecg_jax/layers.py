@@ -44,10 +44,10 @@ class Linear(nn.Module):
 
 
 def conv1d(x: Array, kernel: Array, stride: int, compute_dtype: jnp.dtype) -> Array:
-  """VALID 1-D convolution. x: (batch, time, in); kernel: (width, in, out) -> float32 (batch, frames, out).
+  """VALID 1-D convolution. x: (batch, time, in); kernel: (width, in, out) -> float32 (b, frames, out).
 
-  float32 keeps XLA's convolution (oneDNN on CPU: the fastest float32 path). In bf16 a conv over many
-  channels runs as matrix products instead, because XLA:CPU has a native bf16 product but no native
+  float32 keeps XLA's convolution (oneDNN on CPU: the fastest float32 path). In bf16 a conv over
+  many channels runs as matrix products instead, because XLA:CPU has a native bf16 product but no native
   bf16 convolution: time is folded into blocks of `stride` samples, (batch, blocks, stride * in), so
   that output frame t reads blocks t .. t + ceil(width / stride) - 1 (the last one in part), one
   product per block offset and no im2col copy (base feature encoder, batch 8: 61 vs 117 ms).
@@ -66,7 +66,7 @@ def conv1d(x: Array, kernel: Array, stride: int, compute_dtype: jnp.dtype) -> Ar
   # Zeros appended here land only in the unread tail of the last block.
   x = jnp.pad(x, ((0, 0), (0, blocks * stride - x.shape[1]), (0, 0)))
   x = x.reshape(batch, blocks, stride * channels)
-  kernel = kernel.reshape(width * channels, features)  # rows ordered (tap, in), as a block's columns
+  kernel = kernel.reshape(width * channels, features)  # rows (tap, in), as a block's columns
   y = None
   for offset in range(offsets):
     taps = min(stride, width - offset * stride)
@@ -107,7 +107,7 @@ def same_grouped_conv(x: Array, weight: Array, tap_scale: Array, groups: int,
   """Grouped 'same' conv over time, computed through exact real DFTs (matrix products).
 
   x: (batch, frames, channels); weight: (channels, channels // groups, width), PyTorch's Conv1d
-  layout, each tap k scaled by tap_scale[k] (weight norm). Returns float32 (batch, frames, channels):
+  layout, each tap k scaled by tap_scale[k] (weight norm). Returns float32 (batch, frames, channels),
   y[b, t, o] = sum_{k, i} x[b, t + k - width // 2, i] * weight[o, i, k] * tap_scale[k] over the
   inputs i of o's group, x zero outside its frames; PyTorch's `Conv1d(padding=width // 2,
   groups=groups)` with an even width's extra last frame dropped.

@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 
 from hubert_ecg_jax.config import HubertECGConfig
-from hubert_ecg_jax.layers import ChannelNorm, LayerNorm, Linear, PositionalConvEmbedding, conv1d, gelu
+from hubert_ecg_jax.layers import (ChannelNorm, LayerNorm, Linear, PositionalConvEmbedding, conv1d,
+                                   gelu)
 
 Array = jax.Array
 LOGIT_TEMPERATURE = 0.1
@@ -96,7 +97,7 @@ class Attention(nn.Module):
     heads, head_dim = cfg.num_attention_heads, cfg.head_dim
     # Three products rather than one on concatenated kernels: concatenating the float32 kernels
     # on every call cost more than the larger product saved (XLA:CPU, base, batch 8).
-    q, k, v = (Linear(hidden, compute_dtype=dtype, name=name)(h).reshape(batch, frames, heads, head_dim)
+    q, k, v = (Linear(hidden, compute_dtype=dtype, name=name)(h).reshape(batch, frames, heads, -1)
                for name in ("q_proj", "k_proj", "v_proj"))  # each (batch, frames, heads, head_dim)
     scores = jnp.einsum("bqhd,bkhd->bhqk", q.astype(dtype), k.astype(dtype),
                         preferred_element_type=jnp.float32) * head_dim**-0.5

@@ -7,6 +7,10 @@ and weight-norm magnitudes included, so that no parameter sits at its default.
 """
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("USE_TF", "0")  # transformers would otherwise import TensorFlow (seconds, logs)
+
 import numpy as np
 import torch
 import transformers

@@ -13,7 +13,8 @@ import numba
 import numpy as np
 import scipy.signal
 
-from hubert_ecg_jax.data.preprocess import DECIMATION_FACTOR, STANDARD_LEADS, WINDOW_SAMPLES
+from hubert_ecg_jax.data.preprocess import (DECIMATION_FACTOR, attention_masks, check_windows,
+                                            fill_nans)
 
 _LANES = 32  # rows filtered together: enough independent chains to hide the multiply-add latency
 _SOS = scipy.signal.cheby1(8, 0.05, 0.8 / DECIMATION_FACTOR, output="sos")  # decimate's IIR filter
@@ -111,25 +112,11 @@ def decimate(flat: np.ndarray) -> np.ndarray:
 def fast_model_inputs(windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """`preprocess.model_inputs`, fast: (B, 12, 2500) -> x float32 (B, 6000), mask int32 (B, 6000)."""
   windows = np.asarray(windows)
-  if windows.ndim != 3 or windows.shape[1:] != (len(STANDARD_LEADS), WINDOW_SAMPLES):
-    raise ValueError(f"expected windows of shape (batch, 12, {WINDOW_SAMPLES}), got {windows.shape}")
   if windows.dtype not in (np.float32, np.float64):
     windows = windows.astype(np.float64)
-  if np.isinf(windows).any():
-    raise ValueError("windows contain infinite values")
-  nan = np.isnan(windows)
-  if nan.any():  # the reference's fill, in float64: mean of each window's non-NaN values
-    windows = windows.astype(np.float64)
-    valid_count = (~nan).sum(axis=(1, 2), keepdims=True)
-    if (valid_count == 0).any():
-      raise ValueError("a window is entirely NaN; there is no value to fill it with")
-    means = np.where(nan, 0.0, windows).sum(axis=(1, 2), keepdims=True) / valid_count
-    windows = np.where(nan, means, windows)
-  batch = windows.shape[0]
-  x = decimate(windows.reshape(batch, -1))  # lead-major flatten: (B, 30000) -> (B, 6000)
+  windows = check_windows(windows)
+  if np.isnan(windows).any():
+    windows = fill_nans(windows.astype(np.float64))  # in float64, as the reference
+  x = decimate(windows.reshape(windows.shape[0], -1))  # lead-major flatten: (B, 30000) -> (B, 6000)
   nonzero = _nonzero_columns(np.ascontiguousarray(windows), DECIMATION_FACTOR)  # (B, 500)
-  columns = np.arange(nonzero.shape[1])
-  first = np.where(nonzero.any(axis=1), nonzero.argmax(axis=1), nonzero.shape[1])
-  last = nonzero.shape[1] - 1 - nonzero[:, ::-1].argmax(axis=1)
-  column_mask = (columns >= first[:, None]) & (columns <= last[:, None])  # (B, 500)
-  return x, np.tile(column_mask, (1, len(STANDARD_LEADS))).astype(np.int32)
+  return x, attention_masks(nonzero)

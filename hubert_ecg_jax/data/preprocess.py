@@ -247,7 +247,8 @@ def crop_window(record_500hz: np.ndarray, offset: int) -> np.ndarray:
   return padded
 
 
-def _check_windows(windows: np.ndarray) -> np.ndarray:
+def check_windows(windows: np.ndarray) -> np.ndarray:
+  """Refuses a batch of windows that is not (batch, 12, 2500) or holds infinite values."""
   if windows.ndim != 3 or windows.shape[1:] != (len(STANDARD_LEADS), WINDOW_SAMPLES):
     raise ValueError(
         f"expected windows of shape (batch, 12, {WINDOW_SAMPLES}), got {windows.shape}")
@@ -258,7 +259,7 @@ def _check_windows(windows: np.ndarray) -> np.ndarray:
   return windows
 
 
-def _fill_nans(windows: np.ndarray) -> np.ndarray:
+def fill_nans(windows: np.ndarray) -> np.ndarray:
   """NaNs of each (12, 2500) window -> the mean of that window's non-NaN values."""
   nan = np.isnan(windows)
   if not nan.any():
@@ -270,11 +271,9 @@ def _fill_nans(windows: np.ndarray) -> np.ndarray:
   return np.where(nan, means, windows)
 
 
-def _attention_masks(windows: np.ndarray) -> np.ndarray:
-  """(batch, 12, 2500) -> int32 (batch, 6000): 1 between the first and last non-zero 100-Hz column."""
-  batch = windows.shape[0]
-  columns = windows.reshape(batch, len(STANDARD_LEADS), -1, DECIMATION_FACTOR)
-  nonzero = (columns != 0).any(axis=(1, 3))  # (batch, 500)
+def attention_masks(nonzero: np.ndarray) -> np.ndarray:
+  """bool (batch, 500): any lead non-zero in each 100-Hz column -> int32 (batch, 6000) mask,
+  1 between the first and last non-zero column, repeated for the 12 leads (lead-major)."""
   index = np.arange(nonzero.shape[1])
   first = np.where(nonzero.any(axis=1), nonzero.argmax(axis=1), nonzero.shape[1])
   last = nonzero.shape[1] - 1 - nonzero[:, ::-1].argmax(axis=1)
@@ -284,11 +283,13 @@ def _attention_masks(windows: np.ndarray) -> np.ndarray:
 
 def model_inputs(windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """Online stage on a batch: (batch, 12, 2500) -> x float32 (batch, 6000), mask int32 (batch, 6000)."""
-  windows = _check_windows(np.asarray(windows, dtype=np.float64))
-  filled = _fill_nans(windows)
-  flat = filled.reshape(windows.shape[0], -1)  # (batch, 30000) lead-major
+  windows = check_windows(np.asarray(windows, dtype=np.float64))
+  filled = fill_nans(windows)
+  batch = windows.shape[0]
+  flat = filled.reshape(batch, -1)  # (batch, 30000) lead-major
   x = scipy.signal.decimate(flat, DECIMATION_FACTOR, axis=-1)  # (batch, 6000)
-  return x.astype(np.float32), _attention_masks(filled)
+  columns = filled.reshape(batch, len(STANDARD_LEADS), -1, DECIMATION_FACTOR)
+  return x.astype(np.float32), attention_masks((columns != 0).any(axis=(1, 3)))
 
 
 def model_input(window: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

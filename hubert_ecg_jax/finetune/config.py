@@ -205,8 +205,17 @@ PTBXL_LABELS = {"all": 71, "diag": 44, "subdiag": 23, "superdiag": 5, "form": 19
 def ptbxl_config(task: str, size: str | None = None) -> ConfigDict:
   """The original's PTB-XL recipe for one of the six label tasks and a model size (default small).
 
-  Data: the TFDS PTB-XL builder (`hubert_ecg_jax.data.tfds_ptbxl`, folds 1-8 / 9 / 10) reading the
-  PTB-XL folder given as `data.manual_dir`; the weights: `model.pretrained`.
+  Data: the TFDS PTB-XL builder (`hubert_ecg_jax.data.tfds_ptbxl`, folds 1-8 train, 9 validation,
+  10 test) reading the PTB-XL folder given as `data.manual_dir`; the weights: `model.pretrained`.
+  The size (small, base, large) sets finetune.sh's layerdrop: 0.0 small, 0.1 base and large.
+  Recipe (finetune.sh): AdamW lr 1e-5, betas (0.9, 0.98), eps 1e-9, weight decay 0.01, 8% warmup
+  then linear decay, batch 64, 70k steps, validation every 500 steps, early stopping after 8
+  validations without a better macro AUROC, BCE with pos_weight from the training set, random
+  aligned 5-s crops, CNN frozen, every transformer block trainable, dropout 0 except attention 0.1
+  and classifier 0.1. The original's split CSVs work too: --config.data.source=split_csv
+  --config.data.train=TRAIN.csv --config.data.val=VAL.csv --config.data.test=TEST.csv
+  --config.data.records_dir=NPY_FOLDER --config.data.label_start_index=4. Random init (the
+  paper's baseline): --config.model.init=scratch.
   """
   size = size or "small"
   if task not in PTBXL_LABELS:

@@ -377,24 +377,33 @@ def fit_kmeans(data: np.ndarray | VectorSource, config: KMeansConfig,
               for key in jax.random.split(jax.random.key(config.seed), config.n_init)]
   centers = min(seedings, key=lambda seeding: float(seeding[1]))[0]
 
-  def blocks(rows: int, description: str) -> Iterator[tuple[np.ndarray, int]]:
-    return tqdm(_blocks(source, rows, dim), desc=description, total=-(-n // rows), unit="block",
-                disable=not progress, leave=False)
+  # One bar over every pass (mini-batch epochs, then at most lloyd_iters + 1 Lloyd passes); it
+  # stops short of its total when Lloyd converges early.
+  minibatch_blocks, lloyd_blocks = -(-n // config.batch_size), -(-n // config.block_rows)
+  total = config.minibatch_epochs * minibatch_blocks + (config.lloyd_iters + 1) * lloyd_blocks
+  bar = tqdm(total=total, desc=f"k-means k={config.k}", unit="block", disable=not progress)
+
+  def blocks(rows: int, phase: str) -> Iterator[tuple[np.ndarray, int]]:
+    bar.set_postfix_str(phase, refresh=False)
+    for block in _blocks(source, rows, dim):
+      yield block
+      bar.update()
 
   counts = jnp.zeros((config.k,), jnp.int32)
   for epoch in range(config.minibatch_epochs):
-    for batch, valid in blocks(config.batch_size, f"k={config.k} mini-batch epoch {epoch + 1}"):
+    for batch, valid in blocks(config.batch_size, f"mini-batch epoch {epoch + 1}"):
       centers, counts = _minibatch_step(centers, counts, batch, valid, config.normalize)
   history: list[float] = []
   for iteration in range(config.lloyd_iters + 1):
     stats = _empty_stats(config.k, dim)
-    for block, valid in blocks(config.block_rows, f"k={config.k} Lloyd pass {iteration + 1}"):
+    for block, valid in blocks(config.block_rows, f"Lloyd pass {iteration + 1}"):
       stats = _lloyd_accumulate(stats, centers, block, valid, config.normalize)
     history.append(float(stats.sse))
     converged = iteration > 0 and history[-2] - history[-1] <= config.tol * history[-1]
     if converged or iteration == config.lloyd_iters:
       break
     centers = _lloyd_update(stats)
+  bar.close()
   return KMeansModel(np.asarray(centers, np.float32), config.normalize,
                      np.asarray(stats.counts).astype(np.int64), history[-1], tuple(history), config)
 
