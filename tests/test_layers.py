@@ -11,7 +11,8 @@ from hubert_ecg_jax.layers import conv1d, same_grouped_conv
 
 
 def _torch_same_conv(x, weight, tap_scale, groups):
-  """PyTorch's positional conv: Conv1d(padding=width // 2, groups), even width's last frame dropped."""
+  """PyTorch's positional conv: Conv1d(padding=width // 2, groups); an even width's extra frame
+  dropped."""
   width = weight.shape[-1]
   y = torch.nn.functional.conv1d(x.transpose(1, 2), weight * tap_scale, padding=width // 2,
                                  groups=groups)
@@ -73,11 +74,12 @@ def test_same_grouped_conv_in_bf16_stays_close():
     (41, 2, 3),    # width < stride: samples skipped
 ])
 def test_bf16_conv1d_equals_conv_of_bf16_rounded_inputs(time, width, stride):
-  """The bf16 path is exact up to float32 accumulation: compare with bf16-rounded inputs in float64."""
+  """The bf16 path is exact up to float32 sums: compared with bf16-rounded inputs in float64."""
   rng = np.random.default_rng(time)
   x = jnp.asarray(rng.standard_normal((2, time, 64)), jnp.float32)
   kernel = jnp.asarray(rng.standard_normal((width, 64, 32)) * 0.1, jnp.float32)
-  rounded = [np.asarray(a.astype(jnp.bfloat16).astype(jnp.float32), np.float64) for a in (x, kernel)]
+  rounded = [np.asarray(a.astype(jnp.bfloat16).astype(jnp.float32), np.float64)
+             for a in (x, kernel)]
   theirs = torch.nn.functional.conv1d(
       torch.from_numpy(rounded[0]).transpose(1, 2),
       torch.from_numpy(rounded[1]).permute(2, 1, 0), stride=stride).transpose(1, 2).numpy()
