@@ -209,3 +209,21 @@ def test_bf16_compute_close_to_float32(reference, x):
   b = np.asarray(model16.apply({"params": params}, jnp.asarray(x)).last_hidden_state)
   relative = np.linalg.norm(a - b) / np.linalg.norm(a)
   assert b.dtype == np.float32 and relative <= 2e-2, relative
+
+
+def test_bf16_gradients_close_to_float32(x):
+  """bf16 backward products (layers.matmul's rule, the DFT positional conv) vs float32 autodiff."""
+  config = HubertECGConfig.preset("small", num_hidden_layers=2)
+  model32, model16 = HubertECG(config), HubertECG(config.replace(compute_dtype="bfloat16"))
+  params = model32.init({"params": jax.random.key(0)}, jnp.zeros((1, 6000)))["params"]
+  mask = jnp.zeros((x.shape[0], 93), bool).at[:, 10:40].set(True)
+
+  def loss(params, model):
+    hidden = model.apply({"params": params}, jnp.asarray(x), mask_time_indices=mask).last_hidden_state
+    return jnp.mean(jnp.sin(hidden))
+
+  g32, g16 = (jax.grad(loss)(params, model) for model in (model32, model16))
+  flat32, flat16 = (np.concatenate([np.ravel(v) for v in jax.tree.leaves(g)]) for g in (g32, g16))
+  assert flat16.dtype == np.float32
+  relative = np.linalg.norm(flat16 - flat32) / np.linalg.norm(flat32)
+  assert relative <= 3e-2, relative

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from hubert_ecg_jax.layers import conv1d, same_grouped_conv
+from hubert_ecg_jax.layers import conv1d, matmul, same_grouped_conv
 
 
 def _torch_same_conv(x, weight, tap_scale, groups):
@@ -21,6 +21,11 @@ def _torch_same_conv(x, weight, tap_scale, groups):
 
 def _relative_error(ours, theirs) -> float:
   return float(np.max(np.abs(np.asarray(ours, np.float64) - theirs)) / np.max(np.abs(theirs)))
+
+
+def _bf16_rounded(a) -> np.ndarray:
+  """float64 copy of `a` rounded to bf16: products of these are exact in float64."""
+  return np.asarray(jnp.asarray(a, jnp.float32).astype(jnp.bfloat16).astype(jnp.float32), np.float64)
 
 
 SAME_CONV_SHAPES = [  # (frames, channels, groups, width)
@@ -78,11 +83,36 @@ def test_bf16_conv1d_equals_conv_of_bf16_rounded_inputs(time, width, stride):
   rng = np.random.default_rng(time)
   x = jnp.asarray(rng.standard_normal((2, time, 64)), jnp.float32)
   kernel = jnp.asarray(rng.standard_normal((width, 64, 32)) * 0.1, jnp.float32)
-  rounded = [np.asarray(a.astype(jnp.bfloat16).astype(jnp.float32), np.float64)
-             for a in (x, kernel)]
+  rounded = [_bf16_rounded(a) for a in (x, kernel)]
   theirs = torch.nn.functional.conv1d(
       torch.from_numpy(rounded[0]).transpose(1, 2),
       torch.from_numpy(rounded[1]).permute(2, 1, 0), stride=stride).transpose(1, 2).numpy()
   ours = conv1d(x, kernel, stride, jnp.bfloat16)
   assert ours.shape == theirs.shape and ours.dtype == jnp.float32
   assert _relative_error(ours, theirs) < 1e-5
+
+
+def test_bf16_matmul_and_its_gradient_are_bf16_products_with_float32_sums():
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((3, 5, 64))
+  kernel = rng.standard_normal((64, 48)) * 0.1
+  cotangent = rng.standard_normal((3, 5, 48))
+  y, vjp = jax.vjp(lambda x, k: matmul(x, k, jnp.bfloat16),
+                   jnp.asarray(x, jnp.float32), jnp.asarray(kernel, jnp.float32))
+  dx, dkernel = vjp(jnp.asarray(cotangent, jnp.float32))
+  assert y.dtype == dx.dtype == dkernel.dtype == jnp.float32
+  x16, kernel16, cotangent16 = (_bf16_rounded(a) for a in (x, kernel, cotangent))
+  assert _relative_error(y, x16 @ kernel16) < 1e-6
+  assert _relative_error(dx, cotangent16 @ kernel16.T) < 1e-6
+  assert _relative_error(dkernel, np.einsum("bti,bto->io", x16, cotangent16)) < 1e-6
+  # ... and not float32 products: the unrounded cotangent gives a visibly different gradient.
+  assert _relative_error(dx, cotangent @ kernel16.T) > 1e-4
+
+
+def test_float32_matmul_gradient_is_autodiff():
+  rng = np.random.default_rng(1)
+  x, kernel = (jnp.asarray(rng.standard_normal(shape), jnp.float32) for shape in ((4, 32), (32, 8)))
+  ours = jax.grad(lambda x, k: jnp.sum(jnp.sin(matmul(x, k, jnp.float32))), argnums=(0, 1))(x, kernel)
+  plain = jax.grad(lambda x, k: jnp.sum(jnp.sin(x @ k)), argnums=(0, 1))(x, kernel)
+  for a, b in zip(ours, plain):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
