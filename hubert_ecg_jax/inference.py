@@ -39,7 +39,6 @@ CLASSIFIER_FORMAT = "hubert-ecg-jax/classifier"
 CLASSIFIER_FORMAT_VERSION = 1
 CROP_MODES = ("first", "tta", "random", "cover")
 POOLING = ("mean", "none")
-HDF5_SUFFIXES = (".h5", ".hdf5")
 _PRETRAINING_HEADS = ("final_proj_", "label_embedding_")
 
 
@@ -215,25 +214,25 @@ class FileResult:
 def list_input_files(path: str | pathlib.Path, extensions: Sequence[str] = (".hea", ".npy")
                      ) -> list[pathlib.Path]:
   """A record file, or the record files of a folder (recursive; CODE-15 HDF5 files included)."""
-  from hubert_ecg_jax.data.readers import find_records
+  from hubert_ecg_jax.data.readers import HDF5_EXTENSIONS, find_hdf5_files, find_records
 
   path = pathlib.Path(path)
   if path.is_file():
     return [path]
   if not path.is_dir():
     raise FileNotFoundError(f"{path} does not exist: expected an ECG file or a folder of them")
-  files = find_records(path, extensions) + sorted(
-      p for p in path.rglob("*") if p.suffix.lower() in HDF5_SUFFIXES and p.is_file())
+  files = find_records(path, extensions) + find_hdf5_files(path)
   if not files:
-    raise ValueError(f"no ECG records in {path} (looked for {list(extensions) + list(HDF5_SUFFIXES)})")
+    looked_for = list(extensions) + list(HDF5_EXTENSIONS)
+    raise ValueError(f"no ECG records in {path} (looked for {looked_for})")
   return files
 
 
 def read_file_records(path: pathlib.Path, fs: float | None = None) -> Iterator[Any]:
   """The records of one file (CODE-15 HDF5 files hold many) as `EcgRecord`s."""
-  from hubert_ecg_jax.data.readers import read_code15_hdf5, read_record
+  from hubert_ecg_jax.data.readers import HDF5_EXTENSIONS, read_code15_hdf5, read_record
 
-  if path.suffix.lower() in HDF5_SUFFIXES:
+  if path.suffix.lower() in HDF5_EXTENSIONS:
     yield from read_code15_hdf5(path)
   else:
     yield read_record(path, fs=fs)

@@ -202,6 +202,8 @@ def test_csv_without_lead_columns(tmp_path):
      r"'tracings' must have shape \(N, samples, 12\), got \(2, 4096, 8\)"),
     ({"tracings": np.zeros((2, 4096, 12), np.float32), "exam_id": np.arange(3)},
      r"'exam_id' must have shape \(2,\) to match 'tracings', got \(3,\)"),
+    ({"tracings": np.zeros((2, 4096, 12), np.float32), "exam_id": np.array([1.5, 2.5])},
+     r"'exam_id' must hold integers, got dtype float64"),
 ])
 def test_wrong_hdf5_layout(tmp_path, layout, message):
   path = tmp_path / "exams.hdf5"
@@ -547,7 +549,7 @@ def test_preprocess_reports_bad_records_and_carries_on(tmp_path, ecg, capsys):
 def test_empty_records_folder(tmp_path, capsys):
   (tmp_path / "empty").mkdir()
   err = _cli_error(capsys, ["preprocess", str(tmp_path / "empty"), str(tmp_path / "out"), "--quiet"])
-  assert "no records found in" in err and "(looked for .hea and .npy files)" in err
+  assert "no records found in" in err and "(looked for .hea, .npy, .hdf5 and .h5 files)" in err
   assert not (tmp_path / "out").exists()
   err = _cli_error(capsys, ["labels-template", str(tmp_path / "empty")])
   assert "no records (.hea, .npy) found under" in err

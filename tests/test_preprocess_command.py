@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pathlib
 
+import h5py
 import numpy as np
 import pytest
 
@@ -11,7 +12,7 @@ from hubert_ecg_jax.commands import preprocess as command
 from hubert_ecg_jax.data import records as R
 from hubert_ecg_jax.data.labels import snomed_codes_from_header
 from hubert_ecg_jax.data.preprocess import prepare_record
-from hubert_ecg_jax.data.readers import read_record
+from hubert_ecg_jax.data.readers import read_code15_hdf5, read_record
 
 NUM_SHARDS = 4
 
@@ -147,3 +148,83 @@ def test_cli_with_csv_listing_and_labels_csv(sample_data_dir, tmp_path, capsys):
   assert cli.main(["preprocess", str(folder), str(tmp_path / "joined"), "--workers", "1",
                    "--quiet"]) == 1
   assert "different job" in capsys.readouterr().err
+
+
+def _code15_file(path: pathlib.Path, exam_ids: list[int], tracings: np.ndarray) -> pathlib.Path:
+  with h5py.File(path, "w") as handle:
+    handle["tracings"] = tracings
+    handle["exam_id"] = np.asarray(exam_ids, np.int64)
+  return path
+
+
+@pytest.fixture
+def code15_folder(tmp_path) -> pathlib.Path:
+  """Two CODE-15 parts of 3 exams (4000 samples of noise zero-padded to 4096 at 400 Hz), one exam
+  with a NaN sample, one all zeros."""
+  tracings = np.zeros((6, 4096, 12), np.float32)
+  tracings[:, 48:4048] = np.random.default_rng(7).normal(size=(6, 4000, 12))
+  tracings[1, 100, 3] = np.nan
+  tracings[5] = 0.0
+  folder = tmp_path / "code15"
+  (folder / "more").mkdir(parents=True)
+  _code15_file(folder / "exams_part0.hdf5", [11, 12, 13], tracings[:3])
+  _code15_file(folder / "more" / "exams_part1.h5", [21, 22, 23], tracings[3:])
+  return folder
+
+
+def test_code15_hdf5_folder_one_record_per_exam(code15_folder, tmp_path):
+  labels = tmp_path / "exams.csv"
+  labels.write_text("exam_id,age,sex,AF,NORM\n11,40,M,1,0\n13,50,F,0,1\n21,60,M,1,1\n"
+                    "22,70,F,0,0\n")
+  manifest = command.preprocess_records(code15_folder, tmp_path / "out", labels_csv=labels,
+                                        label_start_index=3, num_shards=2, workers=2,
+                                        show_progress=False)
+  part0, part1 = code15_folder / "exams_part0.hdf5", code15_folder / "more" / "exams_part1.h5"
+  assert manifest.num_records == 4 and manifest.source_sampling_rates == {"400": 4}
+  failed = {f["path"]: f["reason"] for f in manifest.failures}
+  assert sorted(failed) == [f"{part0}[1]", f"{part1}[2]"]
+  assert "NaN" in failed[f"{part0}[1]"] and "flat" in failed[f"{part1}[2]"]
+  assert manifest.label_names == ["AF", "NORM"]
+
+  stored = {record.record_id: record for record in R.iterate_records(tmp_path / "out")}
+  assert sorted(stored) == ["exams_part0/11", "exams_part0/13", "more/exams_part1/21",
+                            "more/exams_part1/22"]
+  expected_labels = {"11": [1, 0], "13": [0, 1], "21": [1, 1], "22": [0, 0]}
+  for path, name in ((part0, "exams_part0"), (part1, "more/exams_part1")):
+    for row, ecg in enumerate(read_code15_hdf5(path)):
+      if f"{name}/{ecg.record_id}" not in stored:
+        continue
+      record = stored[f"{name}/{ecg.record_id}"]
+      expected = prepare_record(ecg.signal, ecg.fs, lead_names=ecg.lead_names)
+      assert record.signal.tobytes() == expected.tobytes()
+      assert record.source == f"{path}[{row}]" and record.source_fs == 400.0
+      np.testing.assert_array_equal(record.labels, expected_labels[ecg.record_id])
+  assert stored["exams_part0/13"].age == 50.0 and stored["exams_part0/13"].sex == R.SEX_FEMALE
+
+
+def test_code15_hdf5_file_from_the_cli(code15_folder, tmp_path, capsys):
+  with pytest.raises(SystemExit):
+    cli.main(["preprocess", "--help"])
+  assert "CODE-15 HDF5" in capsys.readouterr().out
+  part0 = code15_folder / "exams_part0.hdf5"
+  assert cli.main(["preprocess", str(part0), str(tmp_path / "out"), "--workers", "1",
+                   "--quiet"]) == 0
+  assert "2 records in 1 shards, 1 failed, 0 labels" in capsys.readouterr().out
+  stored = sorted(r.record_id for r in R.iterate_records(tmp_path / "out"))
+  assert stored == ["exams_part0/11", "exams_part0/13"]
+  assert cli.main(["preprocess", str(part0), str(tmp_path / "out"), "--workers", "1",
+                   "--quiet"]) == 0  # resumed: the same job, nothing left to do
+
+
+def test_code15_hdf5_refusals(code15_folder, tmp_path):
+  tracings = np.ones((2, 4096, 12), np.float32)
+  _code15_file(tmp_path / "twice.hdf5", [5, 5], tracings)
+  with pytest.raises(ValueError, match=r"record ids must be unique; 1 repeat, e.g. \['twice/5'\]"):
+    command.preprocess_records(tmp_path / "twice.hdf5", tmp_path / "o1", workers=1)
+  (code15_folder / "exams_part2.hdf5").write_text("exam_id,tracings\n")
+  with pytest.raises(ValueError, match=r"exams_part2.hdf5: not a readable HDF5 file"):
+    command.preprocess_records(code15_folder, tmp_path / "o2", workers=1)
+  with h5py.File(code15_folder / "exams_part2.hdf5", "w") as handle:
+    handle["tracings"] = tracings
+  with pytest.raises(ValueError, match=r"exams_part2.hdf5: datasets \['exam_id'\] missing"):
+    command.preprocess_records(code15_folder, tmp_path / "o3", workers=1)

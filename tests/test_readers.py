@@ -12,7 +12,8 @@ from hubert_ecg_jax.data.labels import (
     MultiLabelEncoder, parse_cinc_header_comments, parse_scp_codes, ptbxl_task_label_names,
     ptbxl_task_labels, read_scp_statements, read_split_csv, snomed_codes_from_header)
 from hubert_ecg_jax.data.preprocess import STANDARD_LEADS
-from hubert_ecg_jax.data.readers import find_records, read_code15_hdf5, read_record
+from hubert_ecg_jax.data.readers import (code15_exam_ids, find_records, read_code15_exam,
+                                         read_code15_hdf5, read_record)
 
 
 def _write_dat_record(folder, name="rec", units="mV", signal=None, comments=None, gain=1000.0):
@@ -159,9 +160,14 @@ def test_code15_hdf5(tmp_path):
     handle["exam_id"] = np.array([11, 12, 13, 14, 15])
   records = list(read_code15_hdf5(path, chunk_size=2))
   assert [record.record_id for record in records] == ["11", "12", "13", "14", "15"]
-  for record, tracing in zip(records, tracings):
+  assert code15_exam_ids(path) == [11, 12, 13, 14, 15]
+  for row, (record, tracing) in enumerate(zip(records, tracings)):
     assert record.fs == 400.0 and record.lead_names == STANDARD_LEADS
     np.testing.assert_array_equal(record.signal, tracing.T)
+    exam = read_code15_exam(path, row)
+    assert exam.signal.tobytes() == record.signal.tobytes() and exam.metadata == record.metadata
+  with pytest.raises(ValueError, match=r"exams_part0.hdf5: no row 5; the file holds 5 exams"):
+    read_code15_exam(path, 5)
   with h5py.File(tmp_path / "wrong.hdf5", "w") as handle:
     handle["signals"] = tracings
   with pytest.raises(ValueError, match=r"datasets \['tracings', 'exam_id'\] missing; expected the CODE-15 layout"):

@@ -1,12 +1,14 @@
 """`hubert-ecg-jax preprocess`: ECG records -> sharded TFRecord files of 500 Hz prepared signals.
 
-Records are listed (a folder searched recursively for `.hea` and `.npy` files, or a CSV whose first
-column names them), permuted with a fixed seed and split into contiguous shard blocks, so the
-assignment of records to shards depends only on the list of records and the shard count. Worker
-processes read and prepare records (`prepare_record`: band-pass, resample, min-max); the main process
-writes each shard atomically and then records it as finished in `manifest.json`. A rerun with the same
-arguments skips finished shards; a rerun with different ones is refused. Bad records are reported on
-stderr and in the manifest's `failures`, and the job carries on.
+Records are listed (a folder searched recursively for `.hea`, `.npy` and CODE-15 HDF5 `.hdf5`/`.h5`
+files, one CODE-15 HDF5 file, or a CSV whose first column names the files; each exam of an HDF5 file
+is one record, `<file name>/<exam_id>`), permuted with a fixed seed and split into contiguous shard
+blocks, so the assignment of records to shards depends only on the list of records and the shard
+count. Worker processes read and prepare records (`prepare_record`: band-pass, resample, min-max;
+an HDF5 exam is read alone, by its row); the main process writes each shard atomically and then
+records it as finished in `manifest.json`. A rerun with the same arguments skips finished shards; a
+rerun with different ones is refused. Bad records are reported on stderr and in the manifest's
+`failures`, and the job carries on.
 """
 from __future__ import annotations
 
@@ -33,11 +35,23 @@ _RECORD_SUFFIXES = (".hea", ".npy", ".mat", ".dat", ".csv")
 
 @dataclasses.dataclass(frozen=True)
 class RecordSource:
-  """One record to prepare: its file, its unique id and (from a labels CSV) labels and metadata."""
+  """One record to prepare: its file, its unique id, (from a labels CSV) labels and metadata, and
+  for an exam of a CODE-15 HDF5 file its row there."""
   path: str
   record_id: str
   csv_labels: tuple[float, ...] | None = None
   csv_metadata: tuple[tuple[str, str], ...] = ()
+  row: int | None = None
+
+  @property
+  def key(self) -> str:
+    """The name matched with labels CSV rows: the file name without extensions, or the exam id."""
+    return _record_key(self.path) if self.row is None else pathlib.PurePath(self.record_id).name
+
+  @property
+  def location(self) -> str:
+    """Where the record is: its file, with `[row]` for an exam of an HDF5 file."""
+    return self.path if self.row is None else f"{self.path}[{self.row}]"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,21 +101,34 @@ def _csv_table(path: pathlib.Path, label_start_index: int) -> tuple[list[RecordS
   return sources, table.label_names
 
 
+def _hdf5_sources(path: pathlib.Path, root: pathlib.Path) -> list[RecordSource]:
+  """One source per exam of a CODE-15 HDF5 file, id '<file under root, no suffix>/<exam_id>'."""
+  from hubert_ecg_jax.data.readers import code15_exam_ids
+
+  name = path.relative_to(root).with_suffix("").as_posix()
+  return [RecordSource(str(path), f"{name}/{exam_id}", row=row)
+          for row, exam_id in enumerate(code15_exam_ids(path))]
+
+
 def list_sources(src: pathlib.Path, labels_csv: pathlib.Path | None, label_start_index: int,
                  label_source: str) -> tuple[list[RecordSource], tuple[str, ...]]:
   """The records of a job and, for CSV labels, the label names (dx label names come later)."""
-  from hubert_ecg_jax.data.readers import find_records
+  from hubert_ecg_jax.data.readers import HDF5_EXTENSIONS, find_hdf5_files, find_records
 
   label_names: tuple[str, ...] = ()
   if src.is_file() and src.suffix.lower() == ".csv":
     sources, label_names = _csv_table(src, label_start_index)
+  elif src.is_file() and src.suffix.lower() in HDF5_EXTENSIONS:
+    sources = _hdf5_sources(src, src.parent)
   elif src.is_dir():
     sources = [RecordSource(str(path), path.relative_to(src).with_suffix("").as_posix())
                for path in find_records(src)]
+    sources += [source for path in find_hdf5_files(src) for source in _hdf5_sources(path, src)]
   else:
-    raise FileNotFoundError(f"SRC {src}: expected a folder of records or a CSV listing them")
+    raise FileNotFoundError(
+        f"SRC {src}: expected a folder of records, a CODE-15 HDF5 file or a CSV listing records")
   if not sources:
-    raise ValueError(f"no records found in {src} (looked for .hea and .npy files)")
+    raise ValueError(f"no records found in {src} (looked for .hea, .npy, .hdf5 and .h5 files)")
   duplicates = sorted(k for k, n in Counter(s.record_id for s in sources).items() if n > 1)
   if duplicates:
     raise ValueError(f"record ids must be unique; {len(duplicates)} repeat, e.g. {duplicates[:3]}")
@@ -114,7 +141,7 @@ def list_sources(src: pathlib.Path, labels_csv: pathlib.Path | None, label_start
       by_key[row.record_id] = row
     sources = [dataclasses.replace(s, csv_labels=by_key[key].csv_labels,
                                    csv_metadata=by_key[key].csv_metadata)
-               if (key := _record_key(s.path)) in by_key else s for s in sources]
+               if (key := s.key) in by_key else s for s in sources]
   if label_source == "csv" and not label_names:
     raise ValueError("--label-source csv needs label columns: pass --labels CSV or a CSV as SRC")
   return sorted(sources, key=lambda s: s.record_id), label_names
@@ -140,13 +167,14 @@ def _dx_codes(source: RecordSource) -> tuple[str, ...]:
 
 def prepare_source(source: RecordSource, settings: PrepareSettings
                    ) -> records_lib.StoredRecord | tuple[str, str]:
-  """Reads and prepares one record; returns the record, or (path, reason) when it is bad."""
+  """Reads and prepares one record; returns the record, or (location, reason) when it is bad."""
   from hubert_ecg_jax.data.labels import MultiLabelEncoder
   from hubert_ecg_jax.data.preprocess import prepare_record
-  from hubert_ecg_jax.data.readers import read_record
+  from hubert_ecg_jax.data.readers import read_code15_exam, read_record
 
   try:
-    record = read_record(source.path, fs=settings.fs)
+    record = (read_record(source.path, fs=settings.fs) if source.row is None
+              else read_code15_exam(source.path, source.row))
     signal = prepare_record(record.signal, record.fs, lead_names=record.lead_names,
                             order=settings.order, nan_policy=settings.nan_policy)
     if settings.label_source == "csv":
@@ -158,10 +186,10 @@ def prepare_source(source: RecordSource, settings: PrepareSettings
     metadata = dict(record.metadata)
     metadata.update(dict(source.csv_metadata))
     return records_lib.StoredRecord(
-        record_id=source.record_id, source=source.path, signal=signal, labels=labels,
+        record_id=source.record_id, source=source.location, signal=signal, labels=labels,
         source_fs=float(record.fs), age=_age(metadata.get("age")), sex=_sex_code(metadata.get("sex")))
   except Exception as error:  # a bad record must not stop the job: it is reported instead
-    return source.path, f"{type(error).__name__}: {error}"
+    return source.location, f"{type(error).__name__}: {error}"
 
 
 def _prepare_task(task: tuple[RecordSource, PrepareSettings]
@@ -311,11 +339,13 @@ def register(subparsers: Any) -> None:
   p = subparsers.add_parser(
       "preprocess", help="prepare ECG records into sharded TFRecord files (resumable)",
       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("src", help="a folder of records (.hea WFDB, .npy) or a CSV listing them "
-                 "(first column the file, relative to the CSV's folder; labels from --label-start-index)")
+  p.add_argument("src", help="a folder of records (.hea WFDB, .npy, CODE-15 .hdf5/.h5: one "
+                 "record per exam), one CODE-15 HDF5 file, or a CSV listing records (first column "
+                 "the file, relative to the CSV's folder; labels from --label-start-index)")
   p.add_argument("out", help="output folder for the shards and manifest.json")
   p.add_argument("--labels", help="CSV of labels (filename, metadata..., label columns), matched to "
-                 "records by file name without extension")
+                 "records by file name without extension (CODE-15 exams: the first column is the "
+                 "exam_id)")
   p.add_argument("--label-source", choices=("dx", "csv"),
                  help="labels from WFDB '# Dx:' SNOMED codes or from CSV columns "
                  "(default: csv when a CSV is given, else dx)")

@@ -6,11 +6,13 @@ Lead order is not changed here; `preprocess.reorder_leads` does that.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -19,6 +21,7 @@ from hubert_ecg_jax.data.preprocess import MIN_FS, STANDARD_LEADS, canonical_lea
 
 RECORD_EXTENSIONS: tuple[str, ...] = (".hea", ".npy", ".csv")
 DEFAULT_FIND_EXTENSIONS: tuple[str, ...] = (".hea", ".npy")
+HDF5_EXTENSIONS: tuple[str, ...] = (".h5", ".hdf5")
 CODE15_FS = 400.0
 # Bytes per sample of the uncompressed WFDB storage formats.
 _WFDB_BYTES_PER_SAMPLE = {
@@ -232,15 +235,11 @@ def read_record(path: str | os.PathLike, fs: float | None = None,
       "(HDF5 CODE-15 files: read_code15_hdf5)")
 
 
-def read_code15_hdf5(path: str | os.PathLike, chunk_size: int = 256) -> Iterator[EcgRecord]:
-  """Records of a CODE-15 HDF5 part: `tracings` (N, 4096, 12) at 400 Hz and `exam_id` (N,).
-
-  Signals are yielded as stored (the dataset's zero padding to 4096 samples is kept); `exam_id` is the
-  record id and is also in metadata.
-  """
+@contextlib.contextmanager
+def _code15_datasets(path: Path) -> Iterator[tuple[Any, Any]]:
+  """The `tracings` and `exam_id` datasets of a CODE-15 HDF5 file, layout checked, kept open."""
   import h5py
 
-  path = Path(path)
   if not path.is_file():
     raise FileNotFoundError(f"HDF5 file {path} not found")
   try:
@@ -259,12 +258,50 @@ def read_code15_hdf5(path: str | os.PathLike, chunk_size: int = 256) -> Iterator
     if exam_ids.shape != (tracings.shape[0],):
       raise ValueError(
           f"{path}: 'exam_id' must have shape ({tracings.shape[0]},) to match 'tracings', got {exam_ids.shape}")
+    if not np.issubdtype(exam_ids.dtype, np.integer):
+      raise ValueError(f"{path}: 'exam_id' must hold integers, got dtype {exam_ids.dtype}")
+    yield tracings, exam_ids
+
+
+def _code15_record(exam_id: Any, tracing: np.ndarray) -> EcgRecord:
+  """One CODE-15 exam from its id and its (samples, 12) tracing, stored padding kept."""
+  exam_id = int(exam_id)
+  return EcgRecord(signal=np.ascontiguousarray(np.asarray(tracing, np.float32).T), fs=CODE15_FS,
+                   lead_names=STANDARD_LEADS, record_id=str(exam_id), metadata={"exam_id": exam_id})
+
+
+def read_code15_hdf5(path: str | os.PathLike, chunk_size: int = 256) -> Iterator[EcgRecord]:
+  """Records of a CODE-15 HDF5 part: `tracings` (N, 4096, 12) at 400 Hz and `exam_id` (N,).
+
+  Signals are yielded as stored (the dataset's zero padding to 4096 samples is kept); `exam_id` is
+  the record id and is also in metadata.
+  """
+  with _code15_datasets(Path(path)) as (tracings, exam_ids):
     for start in range(0, tracings.shape[0], chunk_size):
-      block = np.asarray(tracings[start:start + chunk_size], dtype=np.float32)  # (chunk, samples, 12)
+      block = tracings[start:start + chunk_size]  # (chunk, samples, 12)
       for exam_id, tracing in zip(exam_ids[start:start + chunk_size], block):
-        exam_id = int(exam_id)
-        yield EcgRecord(signal=np.ascontiguousarray(tracing.T), fs=CODE15_FS, lead_names=STANDARD_LEADS,
-                        record_id=str(exam_id), metadata={"exam_id": exam_id})
+        yield _code15_record(exam_id, tracing)
+
+
+def code15_exam_ids(path: str | os.PathLike) -> list[int]:
+  """The exam ids of a CODE-15 HDF5 file in row order (layout checked, no tracing read)."""
+  with _code15_datasets(Path(path)) as (_, exam_ids):
+    return [int(exam_id) for exam_id in exam_ids[:]]
+
+
+def read_code15_exam(path: str | os.PathLike, row: int) -> EcgRecord:
+  """Exam `row` (0-based) of a CODE-15 HDF5 file as `read_code15_hdf5` gives it; reads that row."""
+  path = Path(path)
+  with _code15_datasets(path) as (tracings, exam_ids):
+    if not 0 <= row < tracings.shape[0]:
+      raise ValueError(f"{path}: no row {row}; the file holds {tracings.shape[0]} exams")
+    return _code15_record(exam_ids[row], tracings[row])
+
+
+def find_hdf5_files(folder: str | os.PathLike) -> list[Path]:
+  """HDF5 files (`.h5`, `.hdf5`) under `folder`, recursive and sorted."""
+  return sorted(path for path in Path(folder).rglob("*")
+                if path.suffix.lower() in HDF5_EXTENSIONS and path.is_file())
 
 
 def find_records(folder: str | os.PathLike,
