@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # (subcommand, module under hubert_ecg_jax.commands)
@@ -45,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+  # TensorFlow (the data pipeline) logs INFO lines from C++ at import (oneDNN, CPU features).
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
   parser = build_parser()
   args = parser.parse_args(argv)
   if not getattr(args, "func", None):
