@@ -69,9 +69,16 @@ def classifier_metadata(task: Task, classifier_hidden_size: int | None, classifi
           "thresholds": None if thresholds is None else [float(t) for t in thresholds], **extra}
 
 
-def load_classifier(path: str | pathlib.Path) -> Classifier:
+def load_classifier(path: str | pathlib.Path, compute_dtype: str | None = None) -> Classifier:
   """A classifier saved by `hubert-ecg-jax finetune` (or a converted fine-tuned checkpoint, whose
-  outputs are then named label_0... and treated as multi-label with threshold 0.5)."""
+  outputs are then named label_0... and treated as multi-label with threshold 0.5);
+  `compute_dtype` replaces the config's (None keeps it)."""
+  classifier = _load_classifier(path)
+  return dataclasses.replace(classifier,
+                             config=_with_compute_dtype(classifier.config, compute_dtype))
+
+
+def _load_classifier(path: str | pathlib.Path) -> Classifier:
   from hubert_ecg_jax import checkpoint
   from hubert_ecg_jax.pretrained import load_pretrained_with_heads
 
@@ -106,12 +113,18 @@ def strip_pretraining_heads(backbone: dict) -> dict:
   return {name: value for name, value in backbone.items() if not name.startswith(_PRETRAINING_HEADS)}
 
 
-def load_backbone(path: str | pathlib.Path) -> tuple[HubertECGConfig, dict]:
-  """(config, backbone params) of any model: pretrained or fine-tuned, ours or converted."""
+def load_backbone(path: str | pathlib.Path, compute_dtype: str | None = None
+                  ) -> tuple[HubertECGConfig, dict]:
+  """(config, backbone params) of any model: pretrained or fine-tuned, ours or converted;
+  `compute_dtype` replaces the config's (None keeps it)."""
   from hubert_ecg_jax.pretrained import load_pretrained_with_heads
 
   config, backbone, _ = load_pretrained_with_heads(path)
-  return config, strip_pretraining_heads(backbone)
+  return _with_compute_dtype(config, compute_dtype), strip_pretraining_heads(backbone)
+
+
+def _with_compute_dtype(config: HubertECGConfig, compute_dtype: str | None) -> HubertECGConfig:
+  return config if compute_dtype is None else config.replace(compute_dtype=compute_dtype)
 
 
 def classifier_logits_fn(model: HubertECGForClassification) -> Callable:

@@ -83,3 +83,15 @@ def test_hidden_state_features_equal_the_model(records_dir, tmp_path):
   np.testing.assert_allclose(dumped, np.asarray(expected), atol=1e-5)
   assert cli_main(["features", str(records_dir), str(tmp_path / "bad"), "--model",
                    str(tmp_path / "model"), "--layer", "9"]) == 1
+  # bf16 products: close to float32, and the same OUT refuses to resume with another dtype.
+  bf16 = tmp_path / "hidden_bf16"
+  assert cli_main(["features", str(records_dir), str(bf16), "--model", str(tmp_path / "model"),
+                   "--layer", "1", "--compute-dtype", "bfloat16"]) == 0
+  dumped_bf16 = np.concatenate([np.load(path) for path in sorted(bf16.glob("*.npy"))])
+  dumped_f32 = np.concatenate([np.load(path) for path in sorted(feats.glob("*.npy"))])
+  relative = np.linalg.norm(dumped_bf16 - dumped_f32) / np.linalg.norm(dumped_f32)
+  assert 0 < relative < 2e-2, relative
+  assert cli_main(["features", str(records_dir), str(bf16), "--model", str(tmp_path / "model"),
+                   "--layer", "1"]) == 1
+  assert cli_main(["features", str(records_dir), str(tmp_path / "mixed"), "--feature-set", "mixed",
+                   "--compute-dtype", "bfloat16"]) == 1

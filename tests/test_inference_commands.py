@@ -161,6 +161,13 @@ def test_predict_a_folder_and_a_file_with_plot(run, sample_data_dir):
   hea_entry = next(r for r in document["records"] if r["record_id"] == record.stem)
   for name in names:
     assert npy_entry["probabilities"][name] == pytest.approx(hea_entry["probabilities"][name], abs=1e-6)
+  as_bf16 = run["root"] / "bf16"
+  assert cli.main(["predict", str(run["model"]), str(array), "--out", str(as_bf16), "--fs", "500",
+                   "--compute-dtype", "bfloat16", "--quiet"]) == 0
+  bf16_entry = json.loads((as_bf16 / "predictions.json").read_text())["records"][0]
+  for name in names:
+    assert bf16_entry["probabilities"][name] == pytest.approx(hea_entry["probabilities"][name],
+                                                              abs=1e-2)
 
 
 def test_predict_reads_code15_hdf5_and_refuses_bad_files(run, sample_data_dir, tmp_path, capsys):
@@ -202,6 +209,11 @@ def test_embed_records_files_and_layers(run, sample_data_dir):
   assert cli.main(["embed", str(run["model"]), str(sample_data_dir / f"{record.record_id}.hea"),
                    "--out", str(single), "--quiet"]) == 0
   np.testing.assert_allclose(np.load(single), np.asarray(expected), atol=1e-5)
+  single_bf16 = run["root"] / "emb" / "one_bf16.npy"
+  assert cli.main(["embed", str(run["model"]), str(sample_data_dir / f"{record.record_id}.hea"),
+                   "--out", str(single_bf16), "--compute-dtype", "bfloat16", "--quiet"]) == 0
+  relative = np.linalg.norm(np.load(single_bf16) - expected) / np.linalg.norm(expected)
+  assert 0 < relative < 2e-2, relative  # bf16 products: close, not identical
   frames = run["root"] / "emb" / "frames.npy"
   assert cli.main(["embed", str(run["model"]), str(sample_data_dir), "--out", str(frames), "--layer", "0",
                    "--pool", "none", "--quiet"]) == 0

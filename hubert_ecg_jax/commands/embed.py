@@ -22,6 +22,8 @@ import sys
 import tempfile
 from typing import Any
 
+from hubert_ecg_jax.commands import add_compute_dtype_argument
+
 
 def register(subparsers: Any) -> None:
   p = subparsers.add_parser(
@@ -43,6 +45,7 @@ def register(subparsers: Any) -> None:
   p.add_argument("--extensions", default=".hea,.npy", help="record files to look for in a folder")
   p.add_argument("--batch-size", type=int, default=64, help="windows per device pass (default 64)")
   p.add_argument("--quiet", action="store_true", help="no progress bars")
+  add_compute_dtype_argument(p)
   p.set_defaults(func=run)
 
 
@@ -74,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
       raise FileExistsError(f"{path} already exists: choose another --out or pass --overwrite")
   if args.pool == "none" and args.crop != "first":
     raise ValueError("--pool none keeps every frame of one window: use it with --crop first")
-  config, backbone = load_backbone(args.model)
+  config, backbone = load_backbone(args.model, args.compute_dtype)
   runner = BatchRunner(embedding_fn(config, args.layer, args.pool), args.batch_size)
   data = pathlib.Path(args.data)
   if (data / MANIFEST_NAME).is_file():

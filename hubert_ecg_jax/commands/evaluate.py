@@ -25,6 +25,8 @@ import tempfile
 from collections.abc import Iterator
 from typing import Any
 
+from hubert_ecg_jax.commands import add_compute_dtype_argument
+
 
 @contextlib.contextmanager
 def output_directory(out: str | os.PathLike, overwrite: bool = False) -> Iterator[pathlib.Path]:
@@ -54,8 +56,8 @@ def _write_rows(path: pathlib.Path, header: list[str], rows: list[list[Any]]) ->
 def evaluate_classifier(model_path: str | os.PathLike, data_dir: str | os.PathLike,
                         out: str | os.PathLike, crop: str = "first", crops: int = 1,
                         aggregation: str = "max", n_boot: int = 1000, seed: int = 0,
-                        batch_size: int = 64, overwrite: bool = False, progress: bool = True
-                        ) -> dict[str, Any]:
+                        batch_size: int = 64, overwrite: bool = False, progress: bool = True,
+                        compute_dtype: str | None = None) -> dict[str, Any]:
   """Evaluates the classifier at `model_path` on a records directory; writes OUT; returns the summary
   (`table` holds the text table)."""
   import numpy as np
@@ -65,7 +67,7 @@ def evaluate_classifier(model_path: str | os.PathLike, data_dir: str | os.PathLi
                                        multiclass_metrics, regression_metrics, write_csv, write_json)
   from hubert_ecg_jax.inference import BatchRunner, classifier_logits_fn, load_classifier, run_on_records_dir
 
-  classifier = load_classifier(model_path)
+  classifier = load_classifier(model_path, compute_dtype)
   task = classifier.task
   if aggregation not in ("mean", "max"):
     raise ValueError(f"aggregation must be mean or max, found {aggregation!r}")
@@ -144,6 +146,7 @@ def register(subparsers: Any) -> None:
   p.add_argument("--workers", type=int, default=0,
                  help="split CSV input: processes preparing the records (default: all cores)")
   p.add_argument("--quiet", action="store_true", help="no progress bars")
+  add_compute_dtype_argument(p)
   p.set_defaults(func=run)
 
 
@@ -160,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
                                  args.label_start_index, args.fs, args.workers, not args.quiet)
   summary = evaluate_classifier(args.model, data, out, args.crop, args.crops, args.aggregation,
                                 args.n_boot, args.seed, args.batch_size, args.overwrite,
-                                progress=not args.quiet)
+                                progress=not args.quiet, compute_dtype=args.compute_dtype)
   print(summary["table"])
   if summary["labels_missing_from_data"]:
     print(f"labels of the model missing from the data (all negative there): "

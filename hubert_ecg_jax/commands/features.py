@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from hubert_ecg_jax.commands import add_compute_dtype_argument
+
 
 def register(subparsers) -> None:
   p = subparsers.add_parser(
@@ -25,6 +27,7 @@ def register(subparsers) -> None:
                  help="with --model: hidden-state index, 0 = encoder input .. L = last layer "
                  "(default: the middle layer)")
   p.add_argument("--batch-size", type=int, default=32, help="records per batch (default 32)")
+  add_compute_dtype_argument(p)
   p.set_defaults(func=run)
 
 
@@ -34,15 +37,15 @@ def run(args: argparse.Namespace) -> int:
   if args.batch_size < 1:
     raise ValueError(f"--batch-size must be positive, found {args.batch_size}")
   if args.feature_set:
-    if args.layer is not None:
-      raise ValueError("--layer goes with --model, not with --feature-set")
+    if args.layer is not None or args.compute_dtype is not None:
+      raise ValueError("--layer and --compute-dtype go with --model, not with --feature-set")
     features, description = dump.handmade_features(args.feature_set)
   else:
     layer = args.layer
     if layer is None:
       from hubert_ecg_jax.pretrained import load_pretrained
       layer = load_pretrained(args.model)[0].num_hidden_layers // 2
-    features, description = dump.hidden_state_features(args.model, layer)
+    features, description = dump.hidden_state_features(args.model, layer, args.compute_dtype)
   summary = dump.dump_features(args.records, args.out, features, description, args.batch_size)
   print(f"features of {summary['num_records']} records ({summary['dim']} per frame, "
         f"{description}) -> {args.out}")

@@ -19,6 +19,8 @@ import json
 import sys
 from typing import Any
 
+from hubert_ecg_jax.commands import add_compute_dtype_argument
+
 
 def register(subparsers: Any) -> None:
   p = subparsers.add_parser(
@@ -43,6 +45,7 @@ def register(subparsers: Any) -> None:
   p.add_argument("--batch-size", type=int, default=64, help="windows per device pass (default 64)")
   p.add_argument("--seed", type=int, default=0, help="seed of random crops")
   p.add_argument("--quiet", action="store_true", help="no progress bars")
+  add_compute_dtype_argument(p)
   p.set_defaults(func=run)
 
 
@@ -60,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
   from hubert_ecg_jax.inference import (BatchRunner, classifier_logits_fn, list_input_files,
                                         load_classifier, run_on_files)
 
-  classifier = load_classifier(args.model)
+  classifier = load_classifier(args.model, args.compute_dtype)
   task = classifier.task
   names = list(task.output_names)
   thresholds = (classifier.thresholds if classifier.thresholds is not None

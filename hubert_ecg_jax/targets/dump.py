@@ -36,9 +36,11 @@ def handmade_features(feature_set: str) -> tuple[FrameFeatureFn, dict[str, Any]]
                                                             "feature_set": feature_set}
 
 
-def hidden_state_features(model_path: str | os.PathLike, layer: int
+def hidden_state_features(model_path: str | os.PathLike, layer: int,
+                          compute_dtype: str | None = None
                           ) -> tuple[FrameFeatureFn, dict[str, Any]]:
-  """Iteration-n features: `hidden_states[layer]` of a model (0 = encoder input, L = last layer)."""
+  """Iteration-n features: `hidden_states[layer]` of a model (0 = encoder input, L = last layer),
+  computed in `compute_dtype` (None: the model config's)."""
   import jax
   import jax.numpy as jnp
 
@@ -46,6 +48,8 @@ def hidden_state_features(model_path: str | os.PathLike, layer: int
   from hubert_ecg_jax.pretrained import load_pretrained
 
   config, params = load_pretrained(model_path)
+  if compute_dtype is not None:
+    config = config.replace(compute_dtype=compute_dtype)
   if not 0 <= layer <= config.num_hidden_layers:
     raise ValueError(f"layer must be in 0..{config.num_hidden_layers} for this "
                      f"{config.num_hidden_layers}-layer model, found {layer}")
@@ -60,7 +64,7 @@ def hidden_state_features(model_path: str | os.PathLike, layer: int
     return np.asarray(forward(jnp.asarray(x), jnp.asarray(mask)), np.float32)
 
   return features, {"kind": "hidden_states", "model": str(model_path), "layer": layer,
-                    "hidden_size": config.hidden_size}
+                    "hidden_size": config.hidden_size, "compute_dtype": config.compute_dtype}
 
 
 def _first_window_batches(shard: pathlib.Path, batch_size: int
