@@ -82,10 +82,11 @@ def conv1d(x: Array, kernel: Array, stride: int, compute_dtype: jnp.dtype) -> Ar
   """VALID 1-D convolution. x: (batch, time, in); kernel: (width, in, out) -> float32 (b, frames, out).
 
   float32 keeps XLA's convolution (oneDNN on CPU: the fastest float32 path). In bf16 a conv over
-  many channels runs as matrix products instead, because XLA:CPU has a native bf16 product but no native
-  bf16 convolution: time is folded into blocks of `stride` samples, (batch, blocks, stride * in), so
-  that output frame t reads blocks t .. t + ceil(width / stride) - 1 (the last one in part), one
-  product per block offset and no im2col copy (base feature encoder, batch 8: 61 vs 117 ms).
+  many channels runs as matrix products instead, because XLA:CPU has a native bf16 product but no
+  native bf16 convolution: time is folded into blocks of `stride` samples, (batch, blocks,
+  stride * in), so that output frame t reads blocks t .. t + ceil(width / stride) - 1 (the last
+  one in part), one product per block offset and no im2col copy (base feature encoder, batch 8:
+  61 vs 117 ms).
   """
   width, channels, features = kernel.shape
   if compute_dtype != jnp.bfloat16 or channels < 64:
