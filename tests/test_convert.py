@@ -205,15 +205,16 @@ def test_bf16_compute_close_to_float32(reference, x):
   config = HubertECGConfig.preset("base")
   model32, model16 = HubertECG(config), HubertECG(config.replace(compute_dtype="bfloat16"))
   params = model32.init({"params": jax.random.key(0)}, jnp.zeros((1, 6000)))["params"]
-  a = np.asarray(model32.apply({"params": params}, jnp.asarray(x)).last_hidden_state)
-  b = np.asarray(model16.apply({"params": params}, jnp.asarray(x)).last_hidden_state)
+  a, b = (np.asarray(jax.jit(model.apply)({"params": params}, jnp.asarray(x)).last_hidden_state)
+          for model in (model32, model16))
   relative = np.linalg.norm(a - b) / np.linalg.norm(a)
   assert b.dtype == np.float32 and relative <= 2e-2, relative
 
 
 def test_bf16_gradients_close_to_float32(x):
   """bf16 backward products (layers.matmul's rule, the DFT positional conv) vs float32 autodiff."""
-  config = HubertECGConfig.preset("small", num_hidden_layers=2)
+  # 64 conv channels: the bf16 block-product convs run (they need >= 64), as in the released sizes.
+  config = HubertECGConfig.preset("tiny", conv_dim=(64,) * 5, hidden_size=64, intermediate_size=128)
   model32, model16 = HubertECG(config), HubertECG(config.replace(compute_dtype="bfloat16"))
   params = model32.init({"params": jax.random.key(0)}, jnp.zeros((1, 6000)))["params"]
   mask = jnp.zeros((x.shape[0], 93), bool).at[:, 10:40].set(True)
@@ -222,8 +223,9 @@ def test_bf16_gradients_close_to_float32(x):
     hidden = model.apply({"params": params}, jnp.asarray(x), mask_time_indices=mask).last_hidden_state
     return jnp.mean(jnp.sin(hidden))
 
-  g32, g16 = (jax.grad(loss)(params, model) for model in (model32, model16))
+  g32, g16 = (jax.jit(jax.grad(loss), static_argnums=1)(params, model)
+              for model in (model32, model16))
   flat32, flat16 = (np.concatenate([np.ravel(v) for v in jax.tree.leaves(g)]) for g in (g32, g16))
   assert flat16.dtype == np.float32
   relative = np.linalg.norm(flat16 - flat32) / np.linalg.norm(flat32)
-  assert relative <= 3e-2, relative
+  assert 0 < relative <= 3e-2, relative
