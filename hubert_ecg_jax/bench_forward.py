@@ -18,6 +18,7 @@ import numpy as np
 
 from hubert_ecg_jax.config import HubertECGConfig
 from hubert_ecg_jax.flops import forward_flops, peak_flops
+from hubert_ecg_jax.inference import strip_pretraining_heads
 from hubert_ecg_jax.model import HubertECG
 
 
@@ -97,13 +98,13 @@ def run_forward_benchmark(size: str = "base", batch: int = 8, repeats: int = 5,
   params = jax.jit(model.init)({"params": jax.random.key(0)}, jnp.asarray(x[:1]))["params"]
   candidates: dict[str, Callable[[], float]] = {}
   x_device = jax.device_put(x)
+  backbone = strip_pretraining_heads(params)
   for dtype in ("float32", "bfloat16"):
     fast_model = HubertECG(config.replace(compute_dtype=dtype), pretraining_heads=False)
     forward = jax.jit(lambda p, v, m=fast_model: m.apply({"params": p}, v).last_hidden_state)
-    backbone = {k: v for k, v in params.items() if not k.startswith(("final_proj", "label_embedding"))}
     candidates[f"jax_{'fp32' if dtype == 'float32' else 'bf16'}"] = (
         lambda f=forward, p=backbone: time_call(lambda: f(p, x_device).block_until_ready()))
-  torch_side = (torch_forward, config, jax.tree_util.tree_map(np.asarray, params), x)
+  torch_side = (torch_forward, config, jax.tree.map(np.asarray, params), x)
   return measure(candidates, torch_side if with_torch else None, repeats,
                  forward_flops(config, with_logits=False), {"size": size, "batch": batch})
 

@@ -53,8 +53,7 @@ def save_model(directory: str | pathlib.Path, config: HubertECGConfig, params: A
   try:
     host_params = jax.tree_util.tree_map(lambda a: np.asarray(a, dtype=np.float32), params)
     ocp.save(staging / PARAMS_DIR, host_params)
-    config.save_json(staging / CONFIG_FILE)
-    (staging / METADATA_FILE).write_text(json.dumps(metadata or {}, indent=2, default=str) + "\n")
+    write_config_and_metadata(staging, config, metadata)
     if directory.exists():
       shutil.rmtree(directory)
     os.replace(staging, directory)
@@ -62,6 +61,13 @@ def save_model(directory: str | pathlib.Path, config: HubertECGConfig, params: A
     shutil.rmtree(staging, ignore_errors=True)
     raise
   return directory
+
+
+def write_config_and_metadata(directory: pathlib.Path, config: HubertECGConfig,
+                              metadata: dict[str, Any] | None) -> None:
+  """The two files of a model directory beside its params: `config.json`, `metadata.json`."""
+  config.save_json(directory / CONFIG_FILE)
+  (directory / METADATA_FILE).write_text(json.dumps(metadata or {}, indent=2, default=str) + "\n")
 
 
 def load_model(directory: str | pathlib.Path) -> tuple[HubertECGConfig, dict, dict[str, Any]]:

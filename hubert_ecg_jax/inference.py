@@ -74,8 +74,9 @@ def load_classifier(path: str | pathlib.Path, compute_dtype: str | None = None) 
   outputs are then named label_0... and treated as multi-label with threshold 0.5);
   `compute_dtype` replaces the config's (None keeps it)."""
   classifier = _load_classifier(path)
-  return dataclasses.replace(classifier,
-                             config=_with_compute_dtype(classifier.config, compute_dtype))
+  if compute_dtype is not None:
+    classifier.config = classifier.config.replace(compute_dtype=compute_dtype)
+  return classifier
 
 
 def _load_classifier(path: str | pathlib.Path) -> Classifier:
@@ -117,14 +118,10 @@ def load_backbone(path: str | pathlib.Path, compute_dtype: str | None = None
                   ) -> tuple[HubertECGConfig, dict]:
   """(config, backbone params) of any model: pretrained or fine-tuned, ours or converted;
   `compute_dtype` replaces the config's (None keeps it)."""
-  from hubert_ecg_jax.pretrained import load_pretrained_with_heads
+  from hubert_ecg_jax.pretrained import load_pretrained
 
-  config, backbone, _ = load_pretrained_with_heads(path)
-  return _with_compute_dtype(config, compute_dtype), strip_pretraining_heads(backbone)
-
-
-def _with_compute_dtype(config: HubertECGConfig, compute_dtype: str | None) -> HubertECGConfig:
-  return config if compute_dtype is None else config.replace(compute_dtype=compute_dtype)
+  config, backbone = load_pretrained(path, compute_dtype)
+  return config, strip_pretraining_heads(backbone)
 
 
 def classifier_logits_fn(model: HubertECGForClassification) -> Callable:

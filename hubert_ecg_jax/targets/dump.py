@@ -47,9 +47,7 @@ def hidden_state_features(model_path: str | os.PathLike, layer: int,
   from hubert_ecg_jax.model import HubertECG
   from hubert_ecg_jax.pretrained import load_pretrained
 
-  config, params = load_pretrained(model_path)
-  if compute_dtype is not None:
-    config = config.replace(compute_dtype=compute_dtype)
+  config, params = load_pretrained(model_path, compute_dtype)
   if not 0 <= layer <= config.num_hidden_layers:
     raise ValueError(f"layer must be in 0..{config.num_hidden_layers} for this "
                      f"{config.num_hidden_layers}-layer model, found {layer}")

@@ -10,7 +10,6 @@ saved on 8 devices resumes on 1 and the other way round. A latest checkpoint tha
 """
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import shutil
@@ -22,7 +21,7 @@ import jax
 import numpy as np
 from jax.sharding import Sharding
 
-from hubert_ecg_jax.checkpoint import CONFIG_FILE, METADATA_FILE, PARAMS_DIR, save_model
+from hubert_ecg_jax.checkpoint import PARAMS_DIR, save_model, write_config_and_metadata
 from hubert_ecg_jax.config import HubertECGConfig
 
 STATE = "state"
@@ -226,8 +225,7 @@ def export_model(directory: str | pathlib.Path, config: HubertECGConfig, params:
   multihost_utils.sync_global_devices("export_model:staging")
   ocp.save_pytree(staging / PARAMS_DIR, host_params)
   if primary:
-    config.save_json(staging / CONFIG_FILE)
-    (staging / METADATA_FILE).write_text(json.dumps(metadata or {}, indent=2, default=str) + "\n")
+    write_config_and_metadata(staging, config, metadata)
     shutil.rmtree(directory, ignore_errors=True)
     os.replace(staging, directory)
   multihost_utils.sync_global_devices("export_model:done")
