@@ -1,6 +1,6 @@
 """A tiny pre-training run (hidden 32, 2 layers) that finishes in minutes on a laptop CPU.
 
-  hubert-ecg-jax pretrain configs/demo_pretrain.py WORKDIR --config.data.train_dir=RECORDS
+  hubert-ecg-jax pretrain demo_pretrain WORKDIR --config.data.train_dir=RECORDS
 
 Same recipe as the real configs, scaled down: batch 16, 300 steps, a higher learning rate.
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from ml_collections import ConfigDict
 
-from hubert_ecg_jax.configs import pretraining_config
+from hubert_ecg_jax.experiment import pretraining_config
 
 
 def get_config() -> ConfigDict:

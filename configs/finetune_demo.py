@@ -1,6 +1,6 @@
 """A tiny fine-tuning run (hidden 32, 2 layers, from random weights) that finishes in minutes on a CPU.
 
-  hubert-ecg-jax finetune configs/finetune_demo.py runs/demo \
+  hubert-ecg-jax finetune finetune_demo runs/demo \
       --config.data.train=RECORDS_TRAIN --config.data.val=RECORDS_VAL --config.data.test=RECORDS_TEST
 
 RECORDS_* are records directories written by `hubert-ecg-jax preprocess` (one per split). Same recipe

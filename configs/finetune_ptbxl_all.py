@@ -1,6 +1,6 @@
 """Fine-tune on PTB-XL all (every SCP statement, 71 labels), the original's recipe.
 
-  hubert-ecg-jax finetune configs/finetune_ptbxl_all.py:small runs/ptbxl_all_small \
+  hubert-ecg-jax finetune finetune_ptbxl_all:small runs/ptbxl_all_small \
       --config.model.pretrained=PATH/hubert-ecg-small --config.data.manual_dir=PATH/ptb-xl-1.0.3
 
 The recipe, the size argument and other data sources: see

@@ -1,6 +1,6 @@
 """Fine-tune on PTB-XL diag (diagnostic statements, 44 labels), the original's recipe.
 
-  hubert-ecg-jax finetune configs/finetune_ptbxl_diag.py:small runs/ptbxl_diag_small \
+  hubert-ecg-jax finetune finetune_ptbxl_diag:small runs/ptbxl_diag_small \
       --config.model.pretrained=PATH/hubert-ecg-small --config.data.manual_dir=PATH/ptb-xl-1.0.3
 
 The recipe, the size argument and other data sources: see

@@ -1,6 +1,6 @@
 """Fine-tune on PTB-XL form (form statements, 19 labels), the original's recipe.
 
-  hubert-ecg-jax finetune configs/finetune_ptbxl_form.py:small runs/ptbxl_form_small \
+  hubert-ecg-jax finetune finetune_ptbxl_form:small runs/ptbxl_form_small \
       --config.model.pretrained=PATH/hubert-ecg-small --config.data.manual_dir=PATH/ptb-xl-1.0.3
 
 The recipe, the size argument and other data sources: see

@@ -1,6 +1,6 @@
 """Fine-tune on PTB-XL subdiag (diagnostic subclasses, 23 labels), the original's recipe.
 
-  hubert-ecg-jax finetune configs/finetune_ptbxl_subdiag.py:small runs/ptbxl_subdiag_small \
+  hubert-ecg-jax finetune finetune_ptbxl_subdiag:small runs/ptbxl_subdiag_small \
       --config.model.pretrained=PATH/hubert-ecg-small --config.data.manual_dir=PATH/ptb-xl-1.0.3
 
 The recipe, the size argument and other data sources: see

@@ -1,6 +1,6 @@
 """Fine-tune on PTB-XL superdiag (diagnostic superclasses, 5 labels), the original's recipe.
 
-  hubert-ecg-jax finetune configs/finetune_ptbxl_superdiag.py:small runs/ptbxl_superdiag_small \
+  hubert-ecg-jax finetune finetune_ptbxl_superdiag:small runs/ptbxl_superdiag_small \
       --config.model.pretrained=PATH/hubert-ecg-small --config.data.manual_dir=PATH/ptb-xl-1.0.3
 
 The recipe, the size argument and other data sources: see

@@ -257,12 +257,12 @@ def run_on_files(runner: BatchRunner, params: Any, files: Sequence[pathlib.Path]
   A record that cannot be read or prepared is passed to `on_error(source, reason)` and skipped
   (without `on_error` the error is raised).
   """
-  from tqdm import tqdm
+  from hubert_ecg_jax.progress import progress_bar
 
   from hubert_ecg_jax.data.preprocess import prepare_record
 
   def prepared_records() -> Iterator[tuple[Any, str, np.ndarray, np.ndarray, np.ndarray]]:
-    for index, path in enumerate(tqdm(files, desc="records", unit="file", disable=not progress)):
+    for index, path in enumerate(progress_bar(files, desc="records", unit="file", disable=not progress)):
       try:
         for number, record in enumerate(read_file_records(path, fs)):
           prepared = prepare_record(record.signal, record.fs, lead_names=record.lead_names)
@@ -308,7 +308,7 @@ def run_on_records_dir(runner: BatchRunner, params: Any, directory: str | pathli
                        crop: str = "first", n_crops: int = 1, seed: int = 0,
                        progress: bool = True) -> DirectoryResult:
   """Runs every record of a records directory (`hubert-ecg-jax preprocess` output) through `runner`."""
-  from tqdm import tqdm
+  from hubert_ecg_jax.progress import progress_bar
 
   from hubert_ecg_jax.data.pipeline import PipelineConfig, make_eval_iterator
   from hubert_ecg_jax.data.records import read_manifest
@@ -320,7 +320,7 @@ def run_on_records_dir(runner: BatchRunner, params: Any, directory: str | pathli
   pipeline = PipelineConfig(batch_size=runner.batch_size, seed=seed, eval_crop=crop,
                             eval_crops=n_crops, process_index=0, process_count=1)
   record_ids, outputs, labels = [], [], []
-  with tqdm(total=manifest.num_records * n_crops, desc=f"windows of {pathlib.Path(directory).name}",
+  with progress_bar(total=manifest.num_records * n_crops, desc=f"windows of {pathlib.Path(directory).name}",
             unit="window", disable=not progress) as bar:
     for batch in make_eval_iterator(directory, pipeline):
       outputs.append(runner(params, batch["x"], batch["attention_mask"]))

@@ -60,7 +60,11 @@ class TorchHubertECG(torch.nn.Module):
     mask = None if attention_mask is None else torch.from_numpy(attention_mask).long()
     out = self.hubert(torch.from_numpy(x), attention_mask=mask, output_hidden_states=True)
     logits = self.logits(out.last_hidden_state)
-    return [h.numpy() for h in out.hidden_states], [l.numpy() for l in logits]
+    # The last entry is the encoder's output, after the pre-LN encoder's final LayerNorm, as in
+    # transformers 4.x and in ours. transformers 5 records the pre-LN encoder's last hidden state
+    # before that LayerNorm (its last_hidden_state is unchanged); the post-LN encoder has none.
+    hidden = [h.numpy() for h in out.hidden_states[:-1]] + [out.last_hidden_state.numpy()]
+    return hidden, [l.numpy() for l in logits]
 
 
 def randomise_(module: torch.nn.Module, seed: int) -> None:

@@ -9,14 +9,14 @@ import pathlib
 
 import pytest
 
-_DEFAULT_SAMPLE_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cinc2021"
+# Files the tests read, shipped in the repository (tests/data/cinc2021/SOURCE.md: CC BY 4.0).
+TEST_DATA = pathlib.Path(__file__).resolve().parent / "data"
 
 
 @pytest.fixture(scope="session")
 def sample_data_dir() -> pathlib.Path:
   """Folder of the 30 real CinC 2021 12-lead records (WFDB .hea + .mat)."""
-  path = pathlib.Path(os.environ.get("HUBERT_ECG_SAMPLE_DATA", _DEFAULT_SAMPLE_DATA))
-  if not any(path.glob("*.hea")):
-    raise FileNotFoundError(
-        f"sample ECGs not found in {path}: set HUBERT_ECG_SAMPLE_DATA to the cinc2021 folder")
+  path = TEST_DATA / "cinc2021"
+  if len(list(path.glob("*.hea"))) != 30:
+    raise FileNotFoundError(f"the 30 sample ECGs are missing from {path}: restore tests/data from git")
   return path

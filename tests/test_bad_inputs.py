@@ -273,7 +273,7 @@ def test_unknown_preset_and_config_json_that_is_not_json(tmp_path):
     ("model.size", r"a config override must look like key.sub=value, found 'model.size'"),
 ])
 def test_config_override_with_unknown_key_or_bad_value(override, message):
-  from hubert_ecg_jax.configs import apply_overrides, pretraining_config
+  from hubert_ecg_jax.experiment import apply_overrides, pretraining_config
 
   with pytest.raises(ValueError, match=message):
     apply_overrides(pretraining_config("tiny"), [override])

@@ -5,7 +5,7 @@ import pytest
 from ml_collections import ConfigDict, config_dict
 
 from hubert_ecg_jax.cli import main
-from hubert_ecg_jax.configs import (apply_overrides, load_config, pretraining_config,
+from hubert_ecg_jax.experiment import (apply_overrides, load_config, pretraining_config,
                                     split_config_args)
 
 

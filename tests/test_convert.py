@@ -21,7 +21,8 @@ from hubert_ecg_jax.convert import flax_to_state_dict
 from hubert_ecg_jax.pretrained import load_pretrained_with_heads, params_from_state_dict
 from hubert_ecg_jax.torch_reference import ecg_like_batch, make_reference
 
-REFERENCE_DIR = pathlib.Path(__file__).resolve().parents[2] / "shared" / "reference"
+from conftest import TEST_DATA
+
 CONFIG = HubertECGConfig.preset("tiny", vocab_sizes=(20,))
 
 
@@ -166,7 +167,7 @@ def test_cli_convert_then_export(tmp_path, reference, x):
 
 
 def test_config_json_round_trip_of_the_released_large_config():
-  data = json.loads((REFERENCE_DIR / "example-config-large.json").read_text())
+  data = json.loads((TEST_DATA / "example-config-large.json").read_text())
   config = HubertECGConfig.from_hf_dict(data)
   assert (config.hidden_size, config.num_hidden_layers, config.vocab_sizes) == (960, 16, (1000,))
   assert config == HubertECGConfig.preset("large")

@@ -236,7 +236,7 @@ def test_from_scratch_model_learns_synthetic_labels_and_resumes_exactly(syntheti
   import shutil
 
   from hubert_ecg_jax.commands.evaluate import evaluate_classifier
-  from hubert_ecg_jax.configs import load_config
+  from hubert_ecg_jax.experiment import load_config
   from hubert_ecg_jax.finetune.config import settings_from_config
   from hubert_ecg_jax.finetune.loop import BEST_MODEL, finetune
   from hubert_ecg_jax.inference import load_classifier
@@ -265,7 +265,7 @@ def test_from_scratch_model_learns_synthetic_labels_and_resumes_exactly(syntheti
 
 
 def test_ptbxl_configs_carry_the_original_recipe():
-  from hubert_ecg_jax.configs import load_config
+  from hubert_ecg_jax.experiment import load_config
   from hubert_ecg_jax.finetune.config import settings_from_config
 
   config = load_config("configs/finetune_ptbxl_superdiag.py:base", ["model.pretrained=weights"])

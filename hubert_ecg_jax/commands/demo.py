@@ -12,7 +12,6 @@ import shlex
 import shutil
 import time
 
-CONFIGS = pathlib.Path(__file__).resolve().parents[2] / "configs"
 SPLITS = ("train", "val", "test")
 
 
@@ -102,11 +101,11 @@ def run(args: argparse.Namespace) -> int:
   _step("write the units into the records", ["targets", str(records["train"]), str(out / "features"),
                                              str(out / "records_targets"), "--kmeans", str(kmeans)])
   _step("pre-train a tiny HuBERT-ECG", [
-      "pretrain", str(CONFIGS / "demo_pretrain.py"), str(out / "pretrain"),
+      "pretrain", "demo_pretrain", str(out / "pretrain"),
       f"--config.data.train_dir={out / 'records_targets'}", f"--config.model.vocab_sizes={args.k}",
       f"--config.train.total_steps={args.pretrain_steps}"])
   _step("fine-tune from the pre-trained backbone", [
-      "finetune", str(CONFIGS / "finetune_demo.py"), str(out / "finetune"), "--no-test",
+      "finetune", "finetune_demo", str(out / "finetune"), "--no-test",
       "--config.model.init=pretrained", f"--config.model.pretrained={out / 'pretrain' / 'model'}",
       f"--config.data.train={records['train']}", f"--config.data.val={records['val']}",
       f"--config.train.steps={args.finetune_steps}"])

@@ -242,7 +242,7 @@ def preprocess_records(src: str | os.PathLike, out: str | os.PathLike, *,
                        fs: float | None = None, show_progress: bool = True
                        ) -> records_lib.RecordsManifest:
   """Runs (or resumes) a preprocessing job; returns the complete manifest."""
-  from tqdm import tqdm
+  from hubert_ecg_jax.progress import progress_bar
 
   src, out = pathlib.Path(src), pathlib.Path(out)
   labels_csv = pathlib.Path(labels_csv) if labels_csv else None
@@ -273,7 +273,7 @@ def preprocess_records(src: str | os.PathLike, out: str | os.PathLike, *,
         from hubert_ecg_jax.data.labels import MultiLabelEncoder
         chunks = max(1, len(sources) // (8 * workers))
         codes = (pool.imap(_dx_codes, sources, chunksize=chunks) if pool else map(_dx_codes, sources))
-        label_sets = list(tqdm(codes, total=len(sources), desc="reading labels", unit="record",
+        label_sets = list(progress_bar(codes, total=len(sources), desc="reading labels", unit="record",
                                disable=not show_progress))
         label_names = MultiLabelEncoder.from_label_sets(label_sets).label_names
       manifest = records_lib.RecordsManifest(
@@ -297,7 +297,7 @@ def _write_shards(out: pathlib.Path, sources: Sequence[RecordSource],
                   manifest: records_lib.RecordsManifest, settings: PrepareSettings, num_shards: int,
                   pool: Any, show_progress: bool) -> None:
   """Writes every shard not yet in the manifest, updating the manifest after each one."""
-  from tqdm import tqdm
+  from hubert_ecg_jax.progress import progress_bar
 
   finished = {shard.file for shard in manifest.shards if (out / shard.file).is_file()}
   manifest.shards = [shard for shard in manifest.shards if shard.file in finished]
@@ -307,7 +307,7 @@ def _write_shards(out: pathlib.Path, sources: Sequence[RecordSource],
   queue = [(sources[j], settings) for _, block in todo for j in block]
   results: Iterator[Any] = (pool.imap(_prepare_task, queue, chunksize=2) if pool else
                             map(_prepare_task, queue))
-  progress = tqdm(total=len(sources), initial=len(sources) - len(queue), desc="preprocessing",
+  progress = progress_bar(total=len(sources), initial=len(sources) - len(queue), desc="preprocessing",
                   unit="record", disable=not show_progress)
   for index, block in todo:
     rates: Counter[str] = Counter()

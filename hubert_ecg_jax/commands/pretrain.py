@@ -88,7 +88,7 @@ def pretrain_from_config(config: Any, workdir: str) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-  from hubert_ecg_jax.configs import load_config, split_config_args
+  from hubert_ecg_jax.experiment import load_config, split_config_args
 
   overrides, rest = split_config_args(args.overrides)
   if rest:  # options given after the positional arguments, among the overrides

@@ -334,7 +334,7 @@ def rewrite_with_targets(src_dir: str | os.PathLike, dst_dir: str | os.PathLike,
   Every record must get targets of the same shape. Shards are written atomically, keeping the
   source's shard layout; `targets_info` (e.g. which k-means model) is stored in the manifest.
   """
-  from tqdm import tqdm
+  from hubert_ecg_jax.progress import progress_bar
 
   src_dir, dst_dir = pathlib.Path(src_dir), pathlib.Path(dst_dir)
   if src_dir.resolve() == dst_dir.resolve():
@@ -346,7 +346,7 @@ def rewrite_with_targets(src_dir: str | os.PathLike, dst_dir: str | os.PathLike,
     raise FileExistsError(f"{dst_dir} already holds a records manifest; choose an empty directory")
   lookup = targets if callable(targets) else None
   shape: list[tuple[int, int]] = []
-  progress = tqdm(total=manifest.num_records, desc="adding targets", unit="ECG",
+  progress = progress_bar(total=manifest.num_records, desc="adding targets", unit="ECG",
                   disable=not show_progress)
 
   def with_targets(path: pathlib.Path) -> Iterator[bytes]:

@@ -184,7 +184,7 @@ def materialise_split_csv(csv_path: str | os.PathLike, records_dir: str | os.Pat
                           ) -> pathlib.Path:
   """Prepares the records a split CSV lists (file names relative to `records_dir`) into a records
   directory at `directory`, reused when the CSV and settings are unchanged."""
-  from tqdm import tqdm
+  from hubert_ecg_jax.progress import progress_bar
 
   from hubert_ecg_jax.commands.preprocess import PrepareSettings, RecordSource
   from hubert_ecg_jax.data.labels import read_split_csv
@@ -209,7 +209,7 @@ def materialise_split_csv(csv_path: str | os.PathLike, records_dir: str | os.Pat
   workers = workers or os.cpu_count() or 1
 
   def prepared(results: Iterator[Any]) -> Iterator[records_lib.StoredRecord]:
-    for result in tqdm(results, total=len(sources), desc=f"preparing {csv_path.name}",
+    for result in progress_bar(results, total=len(sources), desc=f"preparing {csv_path.name}",
                        unit="record", disable=not progress):
       if isinstance(result, tuple):
         failures.append({"path": result[0], "reason": result[1]})
@@ -238,7 +238,7 @@ def materialise_tfds_split(config: DataConfig, split: str, directory: pathlib.Pa
                            progress: bool = True) -> pathlib.Path:
   """Copies one split of a TFDS ECG dataset (features `signal` (12, n) at 500 Hz and `labels`, label
   names in the builder's metadata) into a records directory (reused when unchanged)."""
-  from tqdm import tqdm
+  from hubert_ecg_jax.progress import progress_bar
 
   import tensorflow_datasets as tfds
 
@@ -260,7 +260,7 @@ def materialise_tfds_split(config: DataConfig, split: str, directory: pathlib.Pa
 
   def stored() -> Iterator[records_lib.StoredRecord]:
     examples = builder.as_dataset(split=split).as_numpy_iterator()
-    for index, example in enumerate(tqdm(examples, total=total, desc=f"copying {split}",
+    for index, example in enumerate(progress_bar(examples, total=total, desc=f"copying {split}",
                                          unit="record", disable=not progress)):
       record_id = example.get("ecg_id", example.get("record", index))
       record_id = record_id.decode() if isinstance(record_id, bytes) else str(record_id)

@@ -24,7 +24,9 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
+from tqdm import tqdm
+
+from hubert_ecg_jax.progress import progress_bar
 
 from hubert_ecg_jax.checkpoint import save_model
 from hubert_ecg_jax.classifier import HubertECGForClassification
@@ -291,7 +293,7 @@ def _loop(settings: FinetuneSettings, prepared: Prepared, workdir: pathlib.Path,
   step = int(train_state.step)
   column_names = list(read_manifest(prepared.splits["train"]).label_names)
   stop_reason = "early_stopped" if stopping.done else "finished"
-  bar = tqdm(total=t.steps, initial=step, unit="step", dynamic_ncols=True, disable=not t.progress)
+  bar = progress_bar(total=t.steps, initial=step, unit="step", dynamic_ncols=True, disable=not t.progress)
 
   def checkpoint() -> None:
     placed = jax.device_put(stopping.to_tree(), trainer.replicated)

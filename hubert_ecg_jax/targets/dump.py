@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
+from hubert_ecg_jax.progress import progress_bar
 
 from hubert_ecg_jax.data import records as records_lib
 from hubert_ecg_jax.data.preprocess import crop_window, model_inputs
@@ -103,7 +103,7 @@ def dump_features(records_dir: str | os.PathLike, out_dir: str | os.PathLike,
       raise FileExistsError(f"{out_dir} holds features of another job ({previous.get('source')} of "
                             f"{previous.get('records_dir')}): choose an empty directory")
   records_lib.write_json_atomic(manifest_path, summary)
-  progress = tqdm(total=manifest.num_records, desc="features", unit="ECG", disable=not show_progress)
+  progress = progress_bar(total=manifest.num_records, desc="features", unit="ECG", disable=not show_progress)
   for shard in records_lib.shard_paths(records_dir, manifest):
     array_path, ids_path = out_dir / f"{shard.stem}.npy", out_dir / f"{shard.stem}.ids.json"
     if array_path.exists() and ids_path.exists():  # finished by an earlier run

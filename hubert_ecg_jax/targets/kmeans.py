@@ -43,7 +43,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
+from hubert_ecg_jax.progress import progress_bar
 
 VectorSource = Callable[[], Iterable[np.ndarray]]
 _MODEL_KEYS = ("centers", "normalize", "counts", "inertia", "history", "config_json")
@@ -381,7 +381,7 @@ def fit_kmeans(data: np.ndarray | VectorSource, config: KMeansConfig,
   # stops short of its total when Lloyd converges early.
   minibatch_blocks, lloyd_blocks = -(-n // config.batch_size), -(-n // config.block_rows)
   total = config.minibatch_epochs * minibatch_blocks + (config.lloyd_iters + 1) * lloyd_blocks
-  bar = tqdm(total=total, desc=f"k-means k={config.k}", unit="block", disable=not progress)
+  bar = progress_bar(total=total, desc=f"k-means k={config.k}", unit="block", disable=not progress)
 
   def blocks(rows: int, phase: str) -> Iterator[tuple[np.ndarray, int]]:
     bar.set_postfix_str(phase, refresh=False)
@@ -412,7 +412,7 @@ def sweep_k(data: np.ndarray | VectorSource, ks: Iterable[int], config: KMeansCo
             save_dir: str | pathlib.Path | None = None, progress: bool = False) -> dict[int, float]:
   """Fit one model per K (other settings from `config`) -> {K: SSE}; models saved as kmeans_k{K}.npz."""
   sse = {}
-  for k in tqdm(sorted(set(ks)), desc="K sweep", disable=not progress):
+  for k in progress_bar(sorted(set(ks)), desc="K sweep", disable=not progress):
     model = fit_kmeans(data, dataclasses.replace(config, k=k), progress=progress)
     if save_dir is not None:
       model.save(pathlib.Path(save_dir) / f"kmeans_k{k}.npz")

@@ -26,7 +26,9 @@ from typing import Any, Callable, Iterable, Iterator
 
 import jax
 import numpy as np
-from tqdm.auto import tqdm
+from tqdm import tqdm
+
+from hubert_ecg_jax.progress import progress_bar
 
 from hubert_ecg_jax.config import HubertECGConfig
 from hubert_ecg_jax.model import HubertECG
@@ -271,7 +273,7 @@ class Pretrainer:
     previous = None
     first_step = step
     timer_step, timer_start = step, time.perf_counter()
-    bar = tqdm(total=loop.total_steps, initial=step, unit="step", dynamic_ncols=True,
+    bar = progress_bar(total=loop.total_steps, initial=step, unit="step", dynamic_ncols=True,
                disable=not loop.progress or jax.process_index() != 0)
 
     def checkpoint(with_val_loss: float | None = None) -> None:

@@ -9,6 +9,7 @@ tuple, or the declared type of a `placeholder`); an unknown key or a value of th
 from __future__ import annotations
 
 import ast
+import importlib.resources
 import importlib.util
 import inspect
 import pathlib
@@ -16,22 +17,29 @@ from typing import Any, Sequence
 
 from ml_collections import ConfigDict
 
-# Where bare config names (`pretrain_base`) are looked up: the repository's configs/ folder.
-CONFIGS_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
+# Bare config names (`pretrain_base`) are the files of the repository's configs/ folder, which the
+# package ships as `hubert_ecg_jax.configs` (pyproject maps the folder), so a wheel install has them.
+NAMED_CONFIGS = "hubert_ecg_jax.configs"
 _TRUE, _FALSE = ("true", "yes", "1"), ("false", "no", "0")
 
 
+def named_configs() -> dict[str, pathlib.Path]:
+  """The shipped config files by name (`pretrain_base` -> its path)."""
+  folder = importlib.resources.files(NAMED_CONFIGS)
+  return {entry.name[:-3]: pathlib.Path(str(entry)) for entry in folder.iterdir()
+          if entry.name.endswith(".py") and not entry.name.startswith("_")}
+
+
 def resolve_config_path(name: str) -> pathlib.Path:
-  """A config file path, or a bare name (`pretrain_base`) in the repository's configs/ folder."""
+  """A config file path, or the name of a shipped config (`pretrain_base`, `finetune_demo`)."""
   path = pathlib.Path(name)
   if path.is_file():
     return path
-  candidate = CONFIGS_DIR / (name if name.endswith(".py") else f"{name}.py")
-  if candidate.is_file():
-    return candidate
-  available = sorted(p.stem for p in CONFIGS_DIR.glob("*.py")) if CONFIGS_DIR.is_dir() else []
+  shipped = named_configs()
+  if name.removesuffix(".py") in shipped:
+    return shipped[name.removesuffix(".py")]
   raise FileNotFoundError(f"no config file {name!r}: give a path to a .py file with get_config() "
-                          f"or one of {available}")
+                          f"or one of {sorted(shipped)}")
 
 
 def load_config(spec: str, overrides: Sequence[str] = ()) -> ConfigDict:
