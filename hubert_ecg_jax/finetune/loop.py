@@ -26,8 +26,6 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from hubert_ecg_jax.progress import progress_bar
-
 from hubert_ecg_jax.checkpoint import save_model
 from hubert_ecg_jax.classifier import HubertECGForClassification
 from hubert_ecg_jax.config import HubertECGConfig
@@ -39,6 +37,7 @@ from hubert_ecg_jax.finetune.step import DataParallelTrainer, make_train_step
 from hubert_ecg_jax.finetune.tasks import Task, task_from_dataset
 from hubert_ecg_jax.inference import (BatchRunner, classifier_logits_fn, classifier_metadata,
                                       load_backbone, run_on_records_dir)
+from hubert_ecg_jax.progress import progress_bar
 
 BEST_MODEL = "best_model"
 

@@ -18,10 +18,10 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
-from hubert_ecg_jax.progress import progress_bar
 
 from hubert_ecg_jax.data import records as records_lib
 from hubert_ecg_jax.data.preprocess import crop_window, model_inputs
+from hubert_ecg_jax.progress import progress_bar
 
 FEATURES_MANIFEST = "features.json"
 FrameFeatureFn = Callable[[np.ndarray, np.ndarray], np.ndarray]  # x, attention_mask -> (b, frames, d)

@@ -43,6 +43,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+
 from hubert_ecg_jax.progress import progress_bar
 
 VectorSource = Callable[[], Iterable[np.ndarray]]

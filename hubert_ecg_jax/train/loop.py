@@ -28,11 +28,10 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from hubert_ecg_jax.progress import progress_bar
-
 from hubert_ecg_jax.config import HubertECGConfig
 from hubert_ecg_jax.model import HubertECG
 from hubert_ecg_jax.objectives import validation_metrics
+from hubert_ecg_jax.progress import progress_bar
 from hubert_ecg_jax.train.checkpointing import (CheckpointManager, DataPosition, abstract_like,
                                                 export_model, host_copy)
 from hubert_ecg_jax.train.launchers import make_launcher
