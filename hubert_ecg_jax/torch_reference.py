@@ -57,14 +57,15 @@ class TorchHubertECG(torch.nn.Module):
   @torch.no_grad()
   def forward_all(self, x: np.ndarray, attention_mask: np.ndarray | None = None):
     self.eval()
-    mask = None if attention_mask is None else torch.from_numpy(attention_mask).long()
-    out = self.hubert(torch.from_numpy(x), attention_mask=mask, output_hidden_states=True)
+    device = next(self.parameters()).device
+    mask = None if attention_mask is None else torch.from_numpy(attention_mask).long().to(device)
+    out = self.hubert(torch.from_numpy(x).to(device), attention_mask=mask, output_hidden_states=True)
     logits = self.logits(out.last_hidden_state)
     # The last entry is the encoder's output, after the pre-LN encoder's final LayerNorm, as in
     # transformers 4.x and in ours. transformers 5 records the pre-LN encoder's last hidden state
     # before that LayerNorm (its last_hidden_state is unchanged); the post-LN encoder has none.
-    hidden = [h.numpy() for h in out.hidden_states[:-1]] + [out.last_hidden_state.numpy()]
-    return hidden, [l.numpy() for l in logits]
+    hidden = [*out.hidden_states[:-1], out.last_hidden_state]
+    return [h.cpu().numpy() for h in hidden], [l.cpu().numpy() for l in logits]
 
 
 def randomise_(module: torch.nn.Module, seed: int) -> None:

@@ -20,3 +20,13 @@ def sample_data_dir() -> pathlib.Path:
   if len(list(path.glob("*.hea"))) != 30:
     raise FileNotFoundError(f"the 30 sample ECGs are missing from {path}: restore tests/data from git")
   return path
+
+
+def block_imports(directory: pathlib.Path, names: tuple[str, ...]) -> pathlib.Path:
+  """A folder of stand-in packages that raise ImportError: put it first on a subprocess's path to
+  run it as if `names` were not installed."""
+  for name in names:
+    (directory / name).mkdir(parents=True, exist_ok=True)
+    (directory / name / "__init__.py").write_text(
+        f"raise ImportError('{name} is not installed in this environment')\n")
+  return directory

@@ -19,6 +19,8 @@ import pytest
 
 from hubert_ecg_jax.experiment import named_configs
 
+from conftest import block_imports
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PRETRAIN_CONFIGS = ("demo_pretrain", "pretrain_small", "pretrain_base", "pretrain_large")
 
@@ -42,11 +44,7 @@ def installed(wheel, tmp_path_factory) -> dict[str, pathlib.Path]:
   site = pathlib.Path(subprocess.run(
       [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
       check=True, capture_output=True, text=True).stdout.strip())
-  blockers = root / "blocked"
-  for name in ("torch", "transformers"):
-    (blockers / name).mkdir(parents=True)
-    (blockers / name / "__init__.py").write_text(
-        f"raise ImportError('{name} is not installed in this environment')\n")
+  blockers = block_imports(root / "blocked", ("torch", "transformers"))
   # Blockers first, then this environment's packages (a .pth path line adds no .pth of its own).
   (site / "_test_dependencies.pth").write_text(
       f"{blockers}\n{sysconfig.get_paths()['purelib']}\n")
@@ -77,6 +75,8 @@ import pathlib, sys
 import hubert_ecg_jax
 from hubert_ecg_jax.cli import main
 from hubert_ecg_jax.experiment import named_configs
+
+from conftest import block_imports
 assert pathlib.Path(hubert_ecg_jax.__file__).is_relative_to(pathlib.Path(sys.prefix)), hubert_ecg_jax.__file__
 for name in sorted(named_configs()):
   command = "pretrain" if name in {PRETRAIN_CONFIGS!r} else "finetune"
