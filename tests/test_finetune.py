@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 
 from hubert_ecg_jax.classifier import HubertECGForClassification
 from hubert_ecg_jax.config import HubertECGConfig
@@ -14,8 +15,6 @@ from hubert_ecg_jax.finetune.step import DataParallelTrainer, make_train_step
 from hubert_ecg_jax.finetune.tasks import Task, task_from_dataset
 from hubert_ecg_jax.train.optimizer import OptimizerConfig, make_optimizer
 from hubert_ecg_jax.train.state import create_train_state
-
-torch = pytest.importorskip("torch")
 
 
 def test_positive_weights_match_hand_reference():

@@ -7,13 +7,12 @@ import zipfile
 
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 import wfdb
 
-tfds = pytest.importorskip("tensorflow_datasets")
-
-from hubert_ecg_jax.data.preprocess import STANDARD_LEADS, prepare_record  # noqa: E402
-from hubert_ecg_jax.data.readers import find_records, read_record  # noqa: E402
-from hubert_ecg_jax.data.tfds_ptbxl import PtbXl, verify_sha256sums  # noqa: E402
+from hubert_ecg_jax.data.preprocess import STANDARD_LEADS, prepare_record
+from hubert_ecg_jax.data.readers import find_records, read_record
+from hubert_ecg_jax.data.tfds_ptbxl import PtbXl, verify_sha256sums
 
 FOLDS = [1, 2, 3, 4, 5, 6, 7, 8, 9, 9, 10, 10]
 SCP_CODES = [
