@@ -1,12 +1,17 @@
 """Config files, overrides with type checks, and the `pretrain` command's handling of them."""
 from __future__ import annotations
 
+import json
+
 import pytest
 from ml_collections import ConfigDict, config_dict
 
 from hubert_ecg_jax.cli import main
+from hubert_ecg_jax.config import HubertECGConfig
 from hubert_ecg_jax.experiment import (apply_overrides, load_config, pretraining_config,
-                                    split_config_args)
+                                       split_config_args)
+
+from conftest import TEST_DATA
 
 
 @pytest.mark.parametrize("size,hidden_k,steps,layerdrop", [
@@ -19,6 +24,9 @@ def test_the_originals_recipe_per_size_and_iteration(size: str, hidden_k: int, s
   assert first.data.mask_prob == 0.33 and first.optimizer.learning_rate == 5e-5
   assert (first.optimizer.b1, first.optimizer.b2, first.optimizer.eps) == (0.9, 0.98, 1e-9)
   assert first.optimizer.warmup_fraction == 0.08 and first.train.val_every == 4000
+  # AdamW's weight decay 0.01 on every parameter, no gradient clipping, masked frames only.
+  assert first.optimizer.weight_decay == 0.01 and first.optimizer.decay_all_params is True
+  assert not first.optimizer.grad_clip_norm and first.train.alpha == 1.0
   later = load_config(f"configs/pretrain_{size}.py:2")
   assert later.model.vocab_sizes == (hidden_k,) and later.train.total_steps == steps
   assert later.model.layerdrop == layerdrop
@@ -89,3 +97,20 @@ def test_pretrain_command_prints_the_resolved_config(tmp_path, capsys) -> None:
   assert "unknown config key 'train.nope'" in capsys.readouterr().err
   assert main(["pretrain", "demo_pretrain", str(tmp_path)]) == 1
   assert "--config.data.train_dir=RECORDS" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("size", ["small", "base", "large"])
+def test_presets_equal_the_released_configs(size):
+  """Every architecture and regularisation value of the released models (tests/data facts)."""
+  facts = json.loads((TEST_DATA / "released_config_facts.json").read_text())
+  ours = HubertECGConfig.preset(size).to_hf_dict()
+  expected = {**facts["common"], **facts["sizes"][size]}
+  assert {key: ours[key] for key in expected} == expected
+
+
+def test_large_preset_equals_the_large_config_dump():
+  released = json.loads((TEST_DATA / "example-config-large.json").read_text())
+  ours = HubertECGConfig.preset("large").to_hf_dict()
+  compared = [key for key in ours if key in released and key not in ("vocab_sizes", "model_type")]
+  assert len(compared) > 30
+  assert {key: ours[key] for key in compared} == {key: released[key] for key in compared}
