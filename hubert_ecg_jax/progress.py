@@ -19,7 +19,9 @@ class LineProgress(tqdm):
 
   def __init__(self, *args: Any, **kwargs: Any):
     self._printed_n = None  # the count shown by the last line: refreshes with no progress are silent
-    kwargs.update(dynamic_ncols=False, ascii=True,
+    # smoothing=0: the rate over the whole run. tqdm samples its rate only every `mininterval`,
+    # so a moving average would show the first sample (a compiling step) for minutes.
+    kwargs.update(dynamic_ncols=False, ascii=True, smoothing=0,
                   mininterval=max(kwargs.get("mininterval", 0), LOG_INTERVAL_S))
     super().__init__(*args, **kwargs)
 
