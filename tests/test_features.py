@@ -74,23 +74,21 @@ def test_statistics_match_scipy_per_window(source, sample_data_dir):
 
 
 def _reference_mfcc(w: np.ndarray, config: features.MfccConfig) -> np.ndarray:
-  """One window's MFCCs: scipy window and DCT, librosa-style HTK mel filters written out."""
-  w = w - w.mean()
-  w = np.append(w[0] * (1 - config.pre_emphasis), w[1:] - config.pre_emphasis * w[:-1])
-  spectrum = np.abs(np.fft.rfft(w * scipy.signal.get_window("hamming", len(w), fftbins=False),
-                                n=config.n_fft))**2
-  mel = lambda f: 2595.0 * np.log10(1.0 + f / 700.0)  # noqa: E731
-  hz = lambda m: 700.0 * (10.0**(m / 2595.0) - 1.0)  # noqa: E731
-  points = hz(np.linspace(mel(config.fmin_hz), mel(config.fmax_hz), config.n_mels + 2))
-  freqs = np.fft.rfftfreq(config.n_fft, 1.0 / config.sample_rate)
-  energies = np.empty(config.n_mels)
-  for m in range(config.n_mels):
-    left, centre, right = points[m], points[m + 1], points[m + 2]
-    weights = [max(0.0, min((f - left) / (centre - left), (right - f) / (right - centre)))
-               for f in freqs]
-    energies[m] = np.dot(weights, spectrum)
-  return scipy.fft.dct(np.log(np.maximum(energies, config.log_floor)), type=2,
-                       norm="ortho")[:config.n_mfcc]
+  """One window's MFCCs from outside implementations: transformers' spectrogram (DC removal,
+  pre-emphasis, symmetric Hamming window, power spectrum, HTK mel filters, floored natural log)
+  and scipy's orthonormal DCT-II."""
+  from transformers import audio_utils
+
+  mel_filters = audio_utils.mel_filter_bank(
+      num_frequency_bins=config.n_fft // 2 + 1, num_mel_filters=config.n_mels,
+      min_frequency=config.fmin_hz, max_frequency=config.fmax_hz,
+      sampling_rate=int(config.sample_rate), norm=None, mel_scale="htk")
+  log_mel = audio_utils.spectrogram(
+      w, audio_utils.window_function(len(w), "hamming", periodic=False), frame_length=len(w),
+      hop_length=len(w), fft_length=config.n_fft, power=2.0, center=False,
+      preemphasis=config.pre_emphasis, mel_filters=mel_filters, mel_floor=config.log_floor,
+      log_mel="log", remove_dc_offset=config.remove_dc, dtype=np.float64)  # (n_mels, 1)
+  return scipy.fft.dct(log_mel[:, 0], type=2, norm="ortho")[:config.n_mfcc]
 
 
 def test_mel_filterbank_matches_transformers():
@@ -121,11 +119,9 @@ def test_deltas_follow_the_regression_formula_and_are_not_zero(sample_data_dir):
   c, delta, delta2 = full[0, :, :13], full[0, :, 13:26], full[0, :, 26:]
 
   def reference_delta(values):
-    out = np.empty_like(values)
-    for t in range(len(values)):
-      at = lambda i: values[min(max(i, 0), len(values) - 1)]  # noqa: E731
-      out[t] = ((at(t + 1) - at(t - 1)) + 2 * (at(t + 2) - at(t - 2))) / 10.0
-    return out
+    # The regression deltas over +-2 frames with edge frames repeated are scipy's Savitzky-Golay
+    # first derivative (window 5, order 1, mode "nearest").
+    return scipy.signal.savgol_filter(values, 5, polyorder=1, deriv=1, axis=0, mode="nearest")
 
   np.testing.assert_allclose(delta, reference_delta(c.astype(np.float64)), rtol=1e-5, atol=1e-4)
   np.testing.assert_allclose(delta2, reference_delta(reference_delta(c.astype(np.float64))),
