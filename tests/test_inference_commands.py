@@ -76,7 +76,7 @@ def _check_png(path: pathlib.Path, min_pixels: int = 200_000) -> None:
   assert pixels[..., :3].std() > 0.05  # not a blank image
 
 
-def test_finetune_writes_a_classifier_with_metadata_and_a_test_report(run, sample_data_dir):
+def test_finetune_writes_a_classifier_with_metadata_and_a_test_report(run, sample_data_dir, capsys):
   classifier = load_classifier(run["model"])
   metadata = classifier.metadata
   assert classifier.task.kind == "multi_label"
@@ -95,12 +95,20 @@ def test_finetune_writes_a_classifier_with_metadata_and_a_test_report(run, sampl
   assert {p.name for p in report.iterdir()} >= {"metrics.json", "metrics.csv", "predictions.csv",
                                                 "roc.png", "auroc.png"}
   assert (run["workdir"] / "checkpoints").is_dir() and any((run["workdir"] / "tensorboard").iterdir())
-  # Rerunning the finished job resumes from its checkpoint and does not train again.
+  # Rerunning the finished job resumes from its checkpoint and does not train again: the same
+  # checkpoints, the best model untouched.
+  written = {path: path.stat().st_mtime_ns for folder in ("checkpoints", "best_model")
+             for path in (run["workdir"] / folder).rglob("*") if path.is_file()}
+  capsys.readouterr()
   assert cli.main(["finetune", "configs/finetune_demo.py", str(run["workdir"]), "--no-test",
                    f"--config.data.train={run['train']}", f"--config.data.val={run['val']}",
                    "--config.train.steps=6", "--config.train.batch_size=8",
                    "--config.train.eval_every=3", "--config.train.devices=1",
                    "--config.train.progress=false"]) == 0
+  assert "resumed from step 6 in " in capsys.readouterr().out
+  assert {path: path.stat().st_mtime_ns for path in written} == written
+  assert {path for folder in ("checkpoints", "best_model")
+          for path in (run["workdir"] / folder).rglob("*") if path.is_file()} == set(written)
 
 
 def test_evaluate_writes_complete_json_csv_and_plots(run, capsys):
