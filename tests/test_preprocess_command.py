@@ -212,8 +212,11 @@ def test_code15_hdf5_file_from_the_cli(code15_folder, tmp_path, capsys):
   assert "2 records in 1 shards, 1 failed, 0 labels" in capsys.readouterr().out
   stored = sorted(r.record_id for r in R.iterate_records(tmp_path / "out"))
   assert stored == ["exams_part0/11", "exams_part0/13"]
+  # A rerun is the same job with nothing left to do: no shard is written again.
+  written = {p: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("*.tfrecord")}
   assert cli.main(["preprocess", str(part0), str(tmp_path / "out"), "--workers", "1",
-                   "--quiet"]) == 0  # resumed: the same job, nothing left to do
+                   "--quiet"]) == 0
+  assert written and {p: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("*.tfrecord")} == written
 
 
 def test_code15_hdf5_refusals(code15_folder, tmp_path):
