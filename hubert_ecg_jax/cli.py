@@ -23,6 +23,7 @@ COMMANDS: tuple[tuple[str, str], ...] = (
     ("features", "features"),
     ("cluster", "cluster"),
     ("targets", "targets"),
+    ("verify", "verify"),
     ("pretrain", "pretrain"),
     ("finetune", "finetune"),
     ("evaluate", "evaluate"),
