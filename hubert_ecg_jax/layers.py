@@ -2,11 +2,13 @@
 
 Matrix products run in `compute_dtype` with float32 accumulation and float32 output
 (`preferred_element_type`): on CPUs with native bf16 (AVX-512 BF16) and on GPUs/TPUs this is the
-fast path, while a bf16 x bf16 -> bf16 product is not. Parameters are always float32.
+fast path, while a bf16 x bf16 -> bf16 product is not. Parameters are float32; for inference in bf16,
+`cast_kernels` stores the kernels in bf16 once.
 """
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -62,6 +64,19 @@ def _low_precision_matmul_bwd(compute_dtype, residuals, dy):
 
 
 _low_precision_matmul.defvjp(_low_precision_matmul_fwd, _low_precision_matmul_bwd)
+
+
+def cast_kernels(params: Any, compute_dtype: jnp.dtype) -> Any:
+  """`params` with every matrix-product and conv kernel (the "kernel" leaves) stored in
+  `compute_dtype`, the rest (norms, biases, the positional conv's weight norm) kept float32.
+
+  For inference in bf16: `matmul` and `conv1d` then find their kernels already cast instead of
+  casting the float32 weights on every call. The results are the same, bit for bit.
+  """
+  def cast(path: tuple, leaf: Array) -> Array:
+    return leaf.astype(compute_dtype) if getattr(path[-1], "key", None) == "kernel" else leaf
+
+  return jax.tree_util.tree_map_with_path(cast, params)
 
 
 class Linear(nn.Module):

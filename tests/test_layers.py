@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from hubert_ecg_jax.layers import conv1d, matmul, same_grouped_conv
+from hubert_ecg_jax.config import HubertECGConfig
+from hubert_ecg_jax.layers import cast_kernels, conv1d, matmul, same_grouped_conv
+from hubert_ecg_jax.model import HubertECG
 
 
 def _torch_same_conv(x, weight, tap_scale, groups):
@@ -116,3 +118,19 @@ def test_float32_matmul_gradient_is_autodiff():
   plain = jax.grad(lambda x, k: jnp.sum(jnp.sin(x @ k)), argnums=(0, 1))(x, kernel)
   for a, b in zip(ours, plain):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_bf16_kernel_copies_give_the_same_outputs_without_casting_each_call():
+  config = HubertECGConfig.preset("tiny", conv_dim=(64,) * 5, compute_dtype="bfloat16")
+  model = HubertECG(config, pretraining_heads=False)
+  x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (2, 6000)).astype(np.float32))
+  params = model.init({"params": jax.random.key(0)}, x)["params"]
+  cast = cast_kernels(params, jnp.bfloat16)
+  kinds = {jax.tree_util.keystr(path): leaf.dtype
+           for path, leaf in jax.tree_util.tree_leaves_with_path(cast)}
+  assert all((dtype == jnp.bfloat16) == name.endswith("['kernel']") for name, dtype in kinds.items())
+  assert sum(name.endswith("['kernel']") for name in kinds) == 5 + 1 + 2 * 6  # convs, projection, layers
+  forward = jax.jit(lambda p, v: model.apply({"params": p}, v).last_hidden_state)
+  np.testing.assert_array_equal(forward(cast, x), forward(params, x))
+  converts = lambda p: forward.lower(p, x).compile().as_text().count(" convert(")  # noqa: E731
+  assert converts(cast) <= converts(params) - 12  # no per-call cast of the 12 encoder kernels
