@@ -2,7 +2,7 @@
 
 The field names are those of `transformers.HubertConfig` (plus the `hubert_ecg` additions
 `vocab_sizes` and `ensemble_length`), so a released `config.json` maps onto this class one to one.
-`compute_dtype` is ours: it is not written to `config.json`.
+`compute_dtype` and `remat` are ours: how to compute, not what; they are not written to `config.json`.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 
 # Keys of `config.json` that carry no information for this model; they are kept verbatim so that
 # a config read from a released repository is written back unchanged.
+_NOT_IN_CONFIG_JSON = ("compute_dtype", "remat", "hf_extra")  # fields of ours
 _HF_ONLY_KEYS = ("model_type", "architectures", "auto_map", "transformers_version", "torch_dtype")
 
 
@@ -72,6 +73,9 @@ class HubertECGConfig:
   initializer_range: float = 0.02
   # Ours: dtype of the matrix products (parameters stay float32; accumulation is float32).
   compute_dtype: str = "float32"
+  # Ours: recompute each encoder layer's activations in the backward pass instead of keeping them
+  # (less device memory for large batches or the large model, about a third more compute).
+  remat: bool = False
   # Every other key of a `config.json` we read, written back unchanged (not compared or hashed).
   hf_extra: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, hash=False, repr=False)
 
@@ -171,7 +175,7 @@ class HubertECGConfig:
     """The original's `config.json` content (model type `hubert_ecg`)."""
     out = dict(self.hf_extra)
     for f in dataclasses.fields(self):
-      if f.name in ("compute_dtype", "hf_extra"):
+      if f.name in _NOT_IN_CONFIG_JSON:
         continue
       value = getattr(self, f.name)
       out[f.name] = list(value) if isinstance(value, tuple) else value
@@ -186,7 +190,7 @@ class HubertECGConfig:
     if model_type not in ("hubert_ecg", "hubert"):
       raise ValueError(f"config.json is for model_type {model_type!r}: expected 'hubert_ecg' "
                        "(HuBERT-ECG) or 'hubert'")
-    names = {f.name for f in dataclasses.fields(cls)} - {"compute_dtype", "hf_extra"}
+    names = {f.name for f in dataclasses.fields(cls)} - set(_NOT_IN_CONFIG_JSON)
     fields = {k: v for k, v in data.items() if k in names}
     layers = data.get("num_feat_extract_layers")
     if layers is not None and "conv_dim" in data and layers != len(data["conv_dim"]):

@@ -161,10 +161,12 @@ class Encoder(nn.Module):
     if not cfg.do_stable_layer_norm:
       h = LayerNorm(cfg.layer_norm_eps, name="layer_norm")(h)
     h = nn.Dropout(cfg.hidden_dropout)(h, deterministic=deterministic)
+    # remat: activations recomputed in the backward pass; `deterministic` (argument 3) is static.
+    layer_class = nn.remat(EncoderLayer, static_argnums=(3,)) if cfg.remat else EncoderLayer
     hidden_states = []
     for i in range(cfg.num_hidden_layers):
       hidden_states.append(h)
-      layer_out = EncoderLayer(cfg, name=f"layers_{i}")(h, attention_bias, deterministic)
+      layer_out = layer_class(cfg, name=f"layers_{i}")(h, attention_bias, deterministic)
       if not deterministic and cfg.layerdrop > 0.0:
         skip = jax.random.uniform(self.make_rng("dropout")) < cfg.layerdrop  # one draw per layer
         layer_out = jnp.where(skip, h, layer_out)

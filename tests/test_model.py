@@ -64,3 +64,23 @@ def test_num_frames_and_receptive_field():
   config = HubertECGConfig.preset("base")
   assert config.num_frames(6000) == 93 and config.num_frames(12000) == 187
   assert config.receptive_field == 82 and config.frame_hop == 64 and config.min_input_length == 82
+
+
+def test_remat_recomputes_layers_with_the_same_gradients():
+  x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (4, 6000)).astype(np.float32))
+  gradients, jaxprs = {}, {}
+  for remat in (False, True):
+    config = HubertECGConfig.preset("tiny", remat=remat, layerdrop=0.0)
+    model = HubertECG(config)
+    params = model.init({"params": jax.random.key(0)}, x[:1])["params"]
+
+    def loss(p):
+      out = model.apply({"params": p}, x, deterministic=False, rngs={"dropout": jax.random.key(1)})
+      return (out.last_hidden_state ** 2).mean()
+
+    gradients[remat] = jax.jit(jax.grad(loss))(params)
+    jaxprs[remat] = str(jax.make_jaxpr(jax.grad(loss))(params))
+  assert "remat" in jaxprs[True] and "remat" not in jaxprs[False]  # jax.checkpoint's primitive
+  for ours, theirs in zip(jax.tree.leaves(gradients[True]), jax.tree.leaves(gradients[False])):
+    np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-7)
+  assert "remat" not in HubertECGConfig.preset("tiny", remat=True).to_hf_dict()
