@@ -13,7 +13,7 @@ Per-window outputs of one record are aggregated over its windows (`evaluate.aggr
 max; the original's test.sh takes the max of the sigmoid probabilities). Batches are padded to a fixed
 size (one compilation) and split over this host's devices.
 
-A fine-tuned classifier is a model directory (`checkpoint.save_model`) whose params are
+A fine-tuned classifier is a model directory (`model_dir.save_model`) whose params are
 {"hubert_ecg": ..., "classifier": ...} and whose metadata (format `CLASSIFIER_FORMAT`) holds the task,
 output names, head sizes and the thresholds tuned on validation.
 """
@@ -28,12 +28,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from hubert_ecg_jax.classifier import HubertECGForClassification, masked_mean
 from hubert_ecg_jax.config import HubertECGConfig
 from hubert_ecg_jax.finetune.tasks import Task
-from hubert_ecg_jax.train.step import AXIS
+from hubert_ecg_jax.parallel import BatchRunner
 
 CLASSIFIER_FORMAT = "hubert-ecg-jax/classifier"
 CLASSIFIER_FORMAT_VERSION = 1
@@ -63,7 +62,7 @@ class Classifier:
 
 def classifier_metadata(task: Task, classifier_hidden_size: int | None, classifier_dropout: float,
                         thresholds: np.ndarray | None = None, **extra: Any) -> dict[str, Any]:
-  """The metadata a classifier is saved with (`checkpoint.save_model`)."""
+  """The metadata a classifier is saved with (`model_dir.save_model`)."""
   return {"format": CLASSIFIER_FORMAT, "version": CLASSIFIER_FORMAT_VERSION, "task": task.to_dict(),
           "classifier_hidden_size": classifier_hidden_size, "classifier_dropout": classifier_dropout,
           "thresholds": None if thresholds is None else [float(t) for t in thresholds], **extra}
@@ -80,12 +79,12 @@ def load_classifier(path: str | pathlib.Path, compute_dtype: str | None = None) 
 
 
 def _load_classifier(path: str | pathlib.Path) -> Classifier:
-  from hubert_ecg_jax import checkpoint
+  from hubert_ecg_jax import model_dir
   from hubert_ecg_jax.pretrained import load_pretrained_with_heads
 
   path = pathlib.Path(path)
-  if checkpoint.is_model_dir(path):
-    config, params, metadata = checkpoint.load_model(path)
+  if model_dir.is_model_dir(path):
+    config, params, metadata = model_dir.load_model(path)
     if metadata.get("format") != CLASSIFIER_FORMAT:
       raise ValueError(f"{path} is a model directory but not a fine-tuned classifier (its metadata "
                        f"has format {metadata.get('format')!r}, expected {CLASSIFIER_FORMAT!r}); "
@@ -94,7 +93,7 @@ def _load_classifier(path: str | pathlib.Path) -> Classifier:
     thresholds = metadata.get("thresholds")
     return Classifier(config, params, task, None if thresholds is None else np.asarray(thresholds),
                       metadata.get("classifier_hidden_size"), metadata)
-  if path.is_dir() and not (path / checkpoint.CONFIG_FILE).is_file():
+  if path.is_dir() and not (path / model_dir.CONFIG_FILE).is_file():
     raise FileNotFoundError(f"{path} is not a fine-tuned model: expected a directory written by "
                             "`hubert-ecg-jax finetune` (config.json, params/, metadata.json)")
   config, backbone, heads = load_pretrained_with_heads(path)
@@ -149,43 +148,6 @@ def embedding_fn(config: HubertECGConfig, layer: int | None = None, pool: str = 
     return masked_mean(hidden, out.frame_mask) if pool == "mean" else hidden
 
   return embed
-
-
-class BatchRunner:
-  """Runs `fn(params, x, mask)` over any number of inputs in fixed-size batches on local devices."""
-
-  def __init__(self, fn: Callable, batch_size: int = 64, devices: Sequence[jax.Device] | None = None):
-    self.mesh = Mesh(np.asarray(list(devices or jax.local_devices())), (AXIS,))
-    if batch_size < 1:
-      raise ValueError(f"batch_size must be at least 1, found {batch_size}")
-    self.batch_size = math.ceil(batch_size / self.mesh.size) * self.mesh.size
-    self._batch_sharding = NamedSharding(self.mesh, P(AXIS))
-    self._replicated = NamedSharding(self.mesh, P())
-    self._fn = jax.jit(fn)
-    self._params: Any = None
-    self._placed: Any = None
-
-  def place_params(self, params: Any) -> Any:
-    """Params replicated on the runner's devices (cached for the same params object)."""
-    if params is not self._params:
-      self._params, self._placed = params, jax.device_put(params, self._replicated)
-    return self._placed
-
-  def __call__(self, params: Any, x: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """x, mask (n, samples) -> outputs (n, ...) as numpy."""
-    placed = self.place_params(params)
-    outputs = []
-    for start in range(0, len(x), self.batch_size):
-      chunk_x, chunk_mask = x[start:start + self.batch_size], mask[start:start + self.batch_size]
-      pad = self.batch_size - len(chunk_x)
-      if pad:
-        chunk_x = np.concatenate([chunk_x, np.zeros((pad, *chunk_x.shape[1:]), chunk_x.dtype)])
-        chunk_mask = np.concatenate([chunk_mask, np.ones((pad, *chunk_mask.shape[1:]), chunk_mask.dtype)])
-      batch = jax.device_put((jnp.asarray(chunk_x, jnp.float32), jnp.asarray(chunk_mask, jnp.int32)),
-                             self._batch_sharding)
-      out = np.asarray(self._fn(placed, *batch))
-      outputs.append(out[:len(out) - pad])
-    return np.concatenate(outputs) if outputs else np.zeros((0,))
 
 
 # ------------------------------------------------------------------------------------------------

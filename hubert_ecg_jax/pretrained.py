@@ -5,7 +5,7 @@ Accepted inputs:
 - the original's `.pt` training checkpoints (`model_config` is a pickled `HuBERTECGConfig`: it is
   read with PyTorch's weights-only unpickler, the config class mapped to an inert stand-in; any other
   pickled class is refused and no code from the file runs);
-- a model directory written by `hubert_ecg_jax.checkpoint.save_model` (what `convert` writes).
+- a model directory written by `hubert_ecg_jax.model_dir.save_model` (what `convert` writes).
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hubert_ecg_jax import checkpoint
+from hubert_ecg_jax import model_dir
 from hubert_ecg_jax.config import HubertECGConfig
 from hubert_ecg_jax.convert import check_params, flax_to_state_dict, state_dict_to_flax
 
@@ -139,8 +139,8 @@ def load_pretrained_with_heads(path: str | pathlib.Path) -> tuple[HubertECGConfi
   path = pathlib.Path(path)
   if not path.exists():
     raise FileNotFoundError(f"{path} does not exist")
-  if path.is_dir() and checkpoint.is_model_dir(path):
-    config, params, _ = checkpoint.load_model(path)
+  if path.is_dir() and model_dir.is_model_dir(path):
+    config, params, _ = model_dir.load_model(path)
     heads = {}
     if "hubert_ecg" in params:  # a fine-tuned classifier saved by us
       heads = {k: v for k, v in params.items() if k != "hubert_ecg"}

@@ -65,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
   import numpy as np
 
   from hubert_ecg_jax.data.records import MANIFEST_NAME
-  from hubert_ecg_jax.inference import (BatchRunner, embedding_fn, list_input_files, load_backbone,
+  from hubert_ecg_jax.parallel import BatchRunner
+  from hubert_ecg_jax.inference import (embedding_fn, list_input_files, load_backbone,
                                         run_on_files, run_on_records_dir)
 
   out = pathlib.Path(args.out)

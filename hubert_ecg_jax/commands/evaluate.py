@@ -65,7 +65,8 @@ def evaluate_classifier(model_path: str | os.PathLike, data_dir: str | os.PathLi
   from hubert_ecg_jax import plots
   from hubert_ecg_jax.evaluate import (aggregate_crops, evaluate_multilabel, format_table,
                                        multiclass_metrics, regression_metrics, write_csv, write_json)
-  from hubert_ecg_jax.inference import BatchRunner, classifier_logits_fn, load_classifier, run_on_records_dir
+  from hubert_ecg_jax.inference import classifier_logits_fn, load_classifier, run_on_records_dir
+  from hubert_ecg_jax.parallel import BatchRunner
 
   classifier = load_classifier(model_path, compute_dtype)
   task = classifier.task

@@ -60,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
   from hubert_ecg_jax.commands.evaluate import output_directory
   from hubert_ecg_jax.data.preprocess import STANDARD_LEADS, reorder_leads
   from hubert_ecg_jax.evaluate import aggregate_crops
-  from hubert_ecg_jax.inference import (BatchRunner, classifier_logits_fn, list_input_files,
+  from hubert_ecg_jax.parallel import BatchRunner
+  from hubert_ecg_jax.inference import (classifier_logits_fn, list_input_files,
                                         load_classifier, run_on_files)
 
   classifier = load_classifier(args.model, args.compute_dtype)

@@ -35,8 +35,9 @@ import numpy as np
 from hubert_ecg_jax.config import HubertECGConfig
 from hubert_ecg_jax.data import records as records_lib
 from hubert_ecg_jax.data.online import fast_model_inputs
-from hubert_ecg_jax.data.preprocess import MODEL_INPUT_LENGTH, WINDOW_SAMPLES
-from hubert_ecg_jax.masking import sample_span_mask
+from hubert_ecg_jax.config import MODEL_INPUT_LENGTH, NUM_LEADS
+from hubert_ecg_jax.data.preprocess import WINDOW_SAMPLES
+from hubert_ecg_jax.train.masking import sample_span_mask
 
 _EPOCH_SEED_STRIDE = 1_000_003
 
@@ -131,14 +132,6 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
     tf.train.Checkpoint(iterator=self._iterator).read(str(path)).assert_consumed()
 
 
-def save_iterator_state(iterator: BatchIterator, path: str | os.PathLike) -> str:
-  return iterator.save(path)
-
-
-def restore_iterator_state(iterator: BatchIterator, path: str | os.PathLike) -> None:
-  iterator.restore(path)
-
-
 def _host_files(directory: str | os.PathLike, config: PipelineConfig
                 ) -> tuple[records_lib.RecordsManifest, list[str], bool]:
   """The manifest, this host's shard files, and whether records (not files) are split between hosts."""
@@ -179,7 +172,7 @@ def _crop(tf: Any, signal: Any, offsets: Any, count: int) -> list[Any]:
   short = tf.maximum(WINDOW_SAMPLES - tf.shape(signal)[1], 0)
   signal = tf.cond(short > 0, lambda: tf.pad(signal, [[0, 0], [0, short]]), lambda: signal)
   return [tf.ensure_shape(tf.slice(signal, tf.stack([0, offsets[i]]), [-1, WINDOW_SAMPLES]),
-                          [records_lib.NUM_LEADS, WINDOW_SAMPLES]) for i in range(count)]
+                          [NUM_LEADS, WINDOW_SAMPLES]) for i in range(count)]
 
 
 def _crop_offsets(tf: Any, num_samples: Any, mode: str, count: int, seed: Any) -> Any:

@@ -43,12 +43,11 @@ from typing import Literal
 import numpy as np
 import scipy.signal
 
-STANDARD_LEADS: tuple[str, ...] = (
-    "I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
+from hubert_ecg_jax.config import MODEL_INPUT_LENGTH, STANDARD_LEADS
+
 TARGET_FS = 500
 MODEL_FS = 100
 WINDOW_SAMPLES = 2500  # 5 s at TARGET_FS
-MODEL_INPUT_LENGTH = 6000  # 12 leads x 5 s x MODEL_FS
 DECIMATION_FACTOR = TARGET_FS // MODEL_FS
 MIN_FS = 100.0
 BANDPASS_HZ = (0.05, 47.0)

@@ -31,10 +31,11 @@ from typing import Any
 
 import numpy as np
 
+from hubert_ecg_jax.config import NUM_LEADS
+
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "hubert-ecg-jax/records"
 MANIFEST_VERSION = 1
-NUM_LEADS = 12
 SEX_FEMALE, SEX_MALE, SEX_UNKNOWN = 0, 1, -1
 
 

@@ -25,13 +25,15 @@ from typing import Any, Callable
 import numpy as np
 
 from hubert_ecg_jax.finetune.config import FinetuneSettings
-from hubert_ecg_jax.inference import (BatchRunner, classifier_logits_fn, embedding_fn,
-                                      run_on_records_dir)
+from hubert_ecg_jax.finetune.run import (BEST_MODEL, FinetuneResult, Prepared, Validation,
+                                         save_classifier, validate)
+from hubert_ecg_jax.inference import classifier_logits_fn, embedding_fn, run_on_records_dir
+from hubert_ecg_jax.parallel import BatchRunner
 
 STD_FLOOR = 1e-6
 
 
-def train_embeddings(runner: BatchRunner, settings: FinetuneSettings, prepared: Any
+def train_embeddings(runner: BatchRunner, settings: FinetuneSettings, prepared: Prepared
                      ) -> tuple[np.ndarray, np.ndarray]:
   """(embeddings (N, hidden) of the first 5 s, targets) of the training split."""
   result = run_on_records_dir(runner, prepared.params["hubert_ecg"], prepared.splits["train"],
@@ -83,12 +85,9 @@ def fold_standardisation(kernel: np.ndarray, bias: np.ndarray, mean: np.ndarray,
   return folded.astype(np.float32), (bias - mean @ folded).astype(np.float32)
 
 
-def linear_probe(settings: FinetuneSettings, prepared: Any, workdir: pathlib.Path,
-                 print_fn: Callable[[str], None]) -> Any:
+def linear_probe(settings: FinetuneSettings, prepared: Prepared, workdir: pathlib.Path,
+                 print_fn: Callable[[str], None]) -> FinetuneResult:
   """Fits the probe (see the module docstring) and saves the best as `workdir/best_model`."""
-  from hubert_ecg_jax.finetune.loop import (BEST_MODEL, FinetuneResult, Validation, save_classifier,
-                                            validate)
-
   embed_runner = BatchRunner(embedding_fn(prepared.config), settings.eval.batch_size)
   train_x, train_y = train_embeddings(embed_runner, settings, prepared)
   mean = train_x.mean(axis=0)

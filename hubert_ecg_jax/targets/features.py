@@ -47,8 +47,11 @@ import dataclasses
 
 import numpy as np
 
-FRAME_HOP = 64  # total stride of the conv feature encoder
-FRAME_WIDTH = 82  # receptive field of one encoder frame, in input samples
+from hubert_ecg_jax.config import HubertECGConfig
+
+_RELEASED = HubertECGConfig.preset("small")  # the released conv feature encoder ("x5")
+FRAME_HOP = _RELEASED.frame_hop  # total stride of the conv feature encoder: 64
+FRAME_WIDTH = _RELEASED.receptive_field  # input samples one encoder frame sees: 82
 FLAT_STD = 1e-8  # windows with std <= this have skewness and kurtosis 0
 STAT_NAMES: tuple[str, ...] = (
     "min", "max", "mean", "rms", "var", "std", "power", "peak", "peak_to_peak", "crest_factor",

@@ -21,7 +21,8 @@ import jax
 import numpy as np
 from jax.sharding import Sharding
 
-from hubert_ecg_jax.checkpoint import PARAMS_DIR, save_model, write_config_and_metadata
+from hubert_ecg_jax.model_dir import PARAMS_DIR, save_model, write_config_and_metadata
+from hubert_ecg_jax.parallel import host_copy
 from hubert_ecg_jax.config import HubertECGConfig
 
 STATE = "state"
@@ -32,19 +33,16 @@ BEST_METRIC = "val_loss"
 class DataPosition:
   """The input iterator's position, saved and restored with a checkpoint.
 
-  Wraps either an object with `save(path)` / `restore(path)` methods or a `(save, restore)` pair
-  of callables; `path` is a file prefix (what `tf.train.Checkpoint(iterator=it).write/read`
-  take). Each process saves its own position. Implements Orbax's `StatefulCheckpointable`.
+  Wraps an object with `save(path)` / `restore(path)` methods; `path` is a file prefix (what
+  `tf.train.Checkpoint(iterator=it).write/read` take). Each process saves its own position.
+  Implements Orbax's `StatefulCheckpointable`.
   """
 
   def __init__(self, source: Any):
-    if isinstance(source, tuple) and len(source) == 2 and all(map(callable, source)):
-      self._save, self._restore = source
-    elif callable(getattr(source, "save", None)) and callable(getattr(source, "restore", None)):
-      self._save, self._restore = source.save, source.restore
-    else:
+    if not (callable(getattr(source, "save", None)) and callable(getattr(source, "restore", None))):
       raise ValueError("the data position must be an object with save(path) and restore(path) "
-                       f"methods or a (save, restore) pair of callables, found {type(source).__name__}")
+                       f"methods, found {type(source).__name__}")
+    self._save, self._restore = source.save, source.restore
 
   @staticmethod
   def _name() -> str:
@@ -197,14 +195,9 @@ class CheckpointManager:
     self._checkpointer.close()
 
 
-def host_copy(tree: Any) -> Any:
-  """Replicated arrays as numpy, from this process's first copy (works on every host)."""
-  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
-
-
 def export_model(directory: str | pathlib.Path, config: HubertECGConfig, params: Any,
                  metadata: dict[str, Any] | None = None) -> pathlib.Path | None:
-  """Writes the params as a finished model (the format of `checkpoint.save_model`) for fine-tuning.
+  """Writes the params as a finished model (the format of `model_dir.save_model`) for fine-tuning.
 
   Every process must call it. On one process this is `save_model`; on several, all take part in
   the Orbax save of the params (Orbax synchronises them) and process 0 writes the config and

@@ -120,11 +120,3 @@ def validation_metrics(sums: Sums) -> dict[str, jax.Array]:
     metrics[f"perplexity_{index}"] = perplexity(sums[f"unit_counts_{index}"])
   return metrics
 
-
-def masked_prediction_loss(logits: Sequence[jax.Array], targets: jax.Array,
-                           mask_time_indices: jax.Array, frame_mask: jax.Array | None,
-                           alpha: float = 1.0) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Loss and metrics of one batch on one device (the step uses the sums directly)."""
-  sums = prediction_sums(logits, targets, mask_time_indices, frame_mask)
-  metrics = pretraining_metrics(sums, alpha)
-  return metrics["loss"], metrics
