@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hubert_ecg_jax import model_dir
+from hubert_ecg_jax.files import make_parent_folder
 from hubert_ecg_jax.config import HubertECGConfig
 from hubert_ecg_jax.convert import check_params, flax_to_state_dict, state_dict_to_flax
 
@@ -174,7 +175,7 @@ def export_hf_directory(config: HubertECGConfig, params: dict, directory: str | 
   if directory.exists() and any(directory.iterdir()) and not overwrite:
     raise FileExistsError(f"{directory} exists and is not empty: choose another output or overwrite")
   state_dict = flax_to_state_dict(params, weight_norm=weight_norm)
-  checkpoint.make_parent_folder(directory)
+  make_parent_folder(directory)
   directory.mkdir(exist_ok=True)
   hf_config = config.to_hf_dict()
   hf_config.setdefault("architectures", ["HuBERTECG"])

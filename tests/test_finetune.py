@@ -236,7 +236,7 @@ def test_from_scratch_model_learns_synthetic_labels_and_resumes_exactly(syntheti
   the very same model."""
   import shutil
 
-  from hubert_ecg_jax.commands.evaluate import evaluate_classifier
+  from hubert_ecg_jax.evaluate.classifier import evaluate_classifier
   from hubert_ecg_jax.configs import load_config
   from hubert_ecg_jax.finetune.config import settings_from_config
   from hubert_ecg_jax.finetune.loop import BEST_MODEL, finetune

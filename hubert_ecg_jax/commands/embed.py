@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
 import pathlib
 import sys
-import tempfile
 from typing import Any
 
 from hubert_ecg_jax.commands import add_compute_dtype_argument
@@ -49,22 +47,12 @@ def register(subparsers: Any) -> None:
   p.set_defaults(func=run)
 
 
-def _atomic_write(path: pathlib.Path, write: Any) -> None:
-  """Calls `write(temporary path)`, then renames the temporary file to `path`."""
-  handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-  os.close(handle)
-  try:
-    write(temporary)
-    os.replace(temporary, path)
-  except BaseException:
-    pathlib.Path(temporary).unlink(missing_ok=True)
-    raise
-
 
 def run(args: argparse.Namespace) -> int:
   import numpy as np
 
   from hubert_ecg_jax.data.records import MANIFEST_NAME
+  from hubert_ecg_jax.files import atomic_path
   from hubert_ecg_jax.parallel import BatchRunner
   from hubert_ecg_jax.inference import (embedding_fn, list_input_files, load_backbone,
                                         run_on_files, run_on_records_dir)
@@ -104,16 +92,12 @@ def run(args: argparse.Namespace) -> int:
       raise ValueError(f"no record of {data} could be read")
     embeddings = np.stack(rows)
   embeddings = embeddings.astype(np.float32)
-  out.absolute().parent.mkdir(parents=True, exist_ok=True)
-  _atomic_write(out, lambda path: np.save(path, embeddings))
-
-  def write_index(path: str) -> None:
-    with open(path, "w", newline="") as stream:
-      writer = csv.writer(stream)
-      writer.writerow(["row", "record_id", "source"])
-      writer.writerows([i, record_id, source] for i, (record_id, source) in enumerate(zip(ids, sources)))
-
-  _atomic_write(index_path, write_index)
+  with atomic_path(out) as staging:
+    np.save(staging, embeddings)
+  with atomic_path(index_path) as staging, staging.open("w", newline="") as stream:
+    writer = csv.writer(stream)
+    writer.writerow(["row", "record_id", "source"])
+    writer.writerows([i, record_id, source] for i, (record_id, source) in enumerate(zip(ids, sources)))
   layer = config.num_hidden_layers if args.layer is None else args.layer
   print(f"{embeddings.shape[0]} embeddings of shape {embeddings.shape[1:]} (layer {layer}, pool "
         f"{args.pool}) -> {out}, index {index_path}")

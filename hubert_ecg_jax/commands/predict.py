@@ -57,9 +57,9 @@ def run(args: argparse.Namespace) -> int:
   import numpy as np
 
   from hubert_ecg_jax import plots
-  from hubert_ecg_jax.commands.evaluate import output_directory
   from hubert_ecg_jax.data.preprocess import STANDARD_LEADS, reorder_leads
   from hubert_ecg_jax.evaluate import aggregate_crops
+  from hubert_ecg_jax.files import output_folder
   from hubert_ecg_jax.parallel import BatchRunner
   from hubert_ecg_jax.inference import (classifier_logits_fn, list_input_files,
                                         load_classifier, run_on_files)
@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
 
   runner = BatchRunner(classifier_logits_fn(classifier.model), args.batch_size)
   records: list[dict[str, Any]] = []
-  with output_directory(args.out, args.overwrite) as staging:
+  with output_folder(args.out, args.overwrite) as staging:
     for result in run_on_files(runner, classifier.params, files, args.crop, args.crops, args.fs,
                                args.seed, on_error=on_error if len(files) > 1 else None,
                                progress=not args.quiet):

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from hubert_ecg_jax.config import NUM_LEADS
+from hubert_ecg_jax.files import atomic_path, write_json_atomic
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "hubert-ecg-jax/records"
@@ -218,26 +219,12 @@ def parse_example(serialized: Any, num_labels: int, target_shape: tuple[int, int
 def write_shard(path: str | os.PathLike, serialized_records: Iterable[bytes]) -> int:
   """Writes serialized examples to `path` atomically (temporary file, then rename); returns count."""
   tf = import_tensorflow()
-  path = pathlib.Path(path)
-  temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
   count = 0
-  try:
-    with tf.io.TFRecordWriter(str(temporary)) as writer:
-      for serialized in serialized_records:
-        writer.write(serialized)
-        count += 1
-    os.replace(temporary, path)
-  finally:
-    if temporary.exists():
-      temporary.unlink()
+  with atomic_path(path) as temporary, tf.io.TFRecordWriter(str(temporary)) as writer:
+    for serialized in serialized_records:
+      writer.write(serialized)
+      count += 1
   return count
-
-
-def write_json_atomic(path: str | os.PathLike, data: Mapping[str, Any]) -> None:
-  path = pathlib.Path(path)
-  temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-  temporary.write_text(json.dumps(data, indent=1, sort_keys=False) + "\n")
-  os.replace(temporary, path)
 
 
 def write_manifest(directory: str | os.PathLike, manifest: RecordsManifest) -> None:

@@ -22,20 +22,19 @@ import hashlib
 import multiprocessing
 import os
 import pathlib
-import shutil
 import sys
-import tempfile
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
-from hubert_ecg_jax.data import records as records_lib
+from hubert_ecg_jax.data import ingest, records as records_lib
+from hubert_ecg_jax.files import atomic_path
 
 SOURCES = ("records", "split_csv", "tfds")
 SPLITS = ("train", "val", "test")
 RECORDS_PER_SHARD = 512
-_RECORD_SUFFIXES = (".hea", ".npy", ".mat", ".dat", ".csv")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +50,7 @@ class DataConfig:
   tfds_name: str = ""  # tfds: builder/config, e.g. "ptb_xl/superdiag"
   tfds_data_dir: str = ""  # tfds: where TFDS keeps prepared datasets ("" = its default)
   manual_dir: str = ""  # tfds: the downloaded dataset (PTB-XL folder, records + labels.csv)
-  workers: int = 0  # split_csv: processes preparing records (0 = all cores)
+  workers: int | None = None  # split_csv: processes preparing records; None: all cores
 
   def __post_init__(self) -> None:
     if self.source not in SOURCES:
@@ -136,9 +135,7 @@ def write_records_streaming(directory: pathlib.Path, records: Iterable[records_l
                             failures: list[dict[str, str]]) -> records_lib.RecordsManifest:
   """Writes `records` in shards of `RECORDS_PER_SHARD` into a temporary folder, then renames it to
   `directory` (a crash leaves nothing half-written). Memory holds one shard at a time."""
-  directory.parent.mkdir(parents=True, exist_ok=True)
-  staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-  try:
+  with atomic_path(directory, folder=True) as staging:
     shards: list[records_lib.ShardInfo] = []
     rates: dict[str, int] = {}
     block: list[bytes] = []
@@ -163,48 +160,24 @@ def write_records_streaming(directory: pathlib.Path, records: Iterable[records_l
         num_records=sum(s.num_records for s in shards), complete=True,
         source_sampling_rates=rates, failures=failures)
     records_lib.write_manifest(staging, manifest)
-    os.replace(staging, directory)
-  except BaseException:
-    shutil.rmtree(staging, ignore_errors=True)
-    raise
   return manifest
-
-
-def _record_id(filename: str) -> str:
-  """'dir/HR00009.hea.npy' -> 'HR00009'."""
-  name = pathlib.PurePath(filename).name
-  while pathlib.PurePath(name).suffix.lower() in _RECORD_SUFFIXES:
-    name = pathlib.PurePath(name).stem
-  return name
 
 
 def materialise_split_csv(csv_path: str | os.PathLike, records_dir: str | os.PathLike,
                           directory: pathlib.Path, label_start_index: int = 3,
-                          fs: float | None = None, workers: int = 0, progress: bool = True
+                          fs: float | None = None, workers: int | None = None, progress: bool = True
                           ) -> pathlib.Path:
   """Prepares the records a split CSV lists (file names relative to `records_dir`) into a records
   directory at `directory`, reused when the CSV and settings are unchanged."""
-  from tqdm import tqdm
-
-  from hubert_ecg_jax.commands.preprocess import PrepareSettings, RecordSource
-  from hubert_ecg_jax.data.labels import read_split_csv
-
   csv_path = pathlib.Path(csv_path)
-  table = read_split_csv(csv_path, label_start_index=label_start_index)
   records_dir = pathlib.Path(records_dir)
   job = {"source": "split_csv", "csv": str(csv_path.absolute()), "csv_sha256": _digest(csv_path),
          "records_dir": str(records_dir.absolute()), "label_start_index": label_start_index,
          "fs": fs}
   if _reusable(directory, job):
     return directory
-  sources = []
-  for row, filename in enumerate(table.filenames):
-    path = pathlib.Path(filename)
-    metadata = tuple((name, str(values[row])) for name, values in table.metadata.items())
-    sources.append(RecordSource(str(path if path.is_absolute() else records_dir / path),
-                                _record_id(filename), tuple(float(v) for v in table.labels[row]),
-                                metadata))
-  settings = PrepareSettings(fs=fs, label_source="csv")
+  sources, label_names = ingest.csv_sources(csv_path, label_start_index, records_dir)
+  settings = ingest.PrepareSettings(fs=fs, label_source="csv")
   failures: list[dict[str, str]] = []
   workers = workers or os.cpu_count() or 1
 
@@ -220,26 +193,18 @@ def materialise_split_csv(csv_path: str | os.PathLike, records_dir: str | os.Pat
   tasks = [(source, settings) for source in sources]
   if workers > 1 and len(sources) > 1:
     with multiprocessing.get_context("spawn").Pool(workers) as pool:
-      write_records_streaming(directory, prepared(pool.imap(_prepare_task, tasks, chunksize=4)),
-                              list(table.label_names), job, failures)
+      write_records_streaming(directory, prepared(pool.imap(ingest.prepare_task, tasks, chunksize=4)),
+                              list(label_names), job, failures)
   else:
-    write_records_streaming(directory, prepared(map(_prepare_task, tasks)), list(table.label_names),
+    write_records_streaming(directory, prepared(map(ingest.prepare_task, tasks)), list(label_names),
                             job, failures)
   return directory
-
-
-def _prepare_task(task: tuple[Any, Any]) -> Any:
-  from hubert_ecg_jax.commands.preprocess import prepare_source
-
-  return prepare_source(*task)
 
 
 def materialise_tfds_split(config: DataConfig, split: str, directory: pathlib.Path,
                            progress: bool = True) -> pathlib.Path:
   """Copies one split of a TFDS ECG dataset (features `signal` (12, n) at 500 Hz and `labels`, label
   names in the builder's metadata) into a records directory (reused when unchanged)."""
-  from tqdm import tqdm
-
   import tensorflow_datasets as tfds
 
   import hubert_ecg_jax.data.tfds_folder  # noqa: F401  (registers the builders with TFDS)

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from hubert_ecg_jax.data import records as records_lib
 from hubert_ecg_jax.data.preprocess import crop_window, model_inputs
+from hubert_ecg_jax.files import atomic_path, write_json_atomic
 
 FEATURES_MANIFEST = "features.json"
 FrameFeatureFn = Callable[[np.ndarray, np.ndarray], np.ndarray]  # x, attention_mask -> (b, frames, d)
@@ -102,7 +103,7 @@ def dump_features(records_dir: str | os.PathLike, out_dir: str | os.PathLike,
     if previous.get("source") != description or previous.get("records_dir") != summary["records_dir"]:
       raise FileExistsError(f"{out_dir} holds features of another job ({previous.get('source')} of "
                             f"{previous.get('records_dir')}): choose an empty directory")
-  records_lib.write_json_atomic(manifest_path, summary)
+  write_json_atomic(manifest_path, summary)
   progress = tqdm(total=manifest.num_records, desc="features", unit="ECG", disable=not show_progress)
   for shard in records_lib.shard_paths(records_dir, manifest):
     array_path, ids_path = out_dir / f"{shard.stem}.npy", out_dir / f"{shard.stem}.ids.json"
@@ -118,14 +119,13 @@ def dump_features(records_dir: str | os.PathLike, out_dir: str | os.PathLike,
       parts.append(values.astype(np.float32))
       shard_ids.extend(ids)
       progress.update(len(ids))
-    tmp = array_path.with_suffix(".tmp.npy")
-    np.save(tmp, np.concatenate(parts) if parts else np.zeros((0, 0, 0), np.float32))
-    os.replace(tmp, array_path)
-    records_lib.write_json_atomic(ids_path, shard_ids)
+    with atomic_path(array_path) as staging:
+      np.save(staging, np.concatenate(parts) if parts else np.zeros((0, 0, 0), np.float32))
+    write_json_atomic(ids_path, shard_ids)
   progress.close()
   dims = {np.load(p, mmap_mode="r").shape[-1] for p in out_dir.glob("*.npy")}
   summary["dim"] = int(dims.pop()) if len(dims) == 1 else None
-  records_lib.write_json_atomic(manifest_path, summary)
+  write_json_atomic(manifest_path, summary)
   return summary
 
 
@@ -134,7 +134,7 @@ def feature_files(features_dir: str | os.PathLike) -> list[pathlib.Path]:
   if not (features_dir / FEATURES_MANIFEST).is_file():
     raise FileNotFoundError(f"{features_dir} is not a features directory (no {FEATURES_MANIFEST}); "
                             "write one with `hubert-ecg-jax features`")
-  return sorted(p for p in features_dir.glob("*.npy") if not p.name.endswith(".tmp.npy"))
+  return sorted(p for p in features_dir.glob("*.npy") if not p.name.startswith("."))  # no staging
 
 
 def assign_units(features_dir: str | os.PathLike, models: Sequence[Any]) -> dict[str, np.ndarray]:

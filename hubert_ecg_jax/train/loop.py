@@ -6,6 +6,7 @@ It starts from fresh parameters (or `init_params`, e.g. the next iteration's), c
 on the host, validates on `val_batches` (CE and accuracy over all frames; the checkpoints with the
 lowest validation loss are kept) and at the end exports the final params to `workdir/model` and
 the best by validation loss to `workdir/model_best`, as model directories for fine-tuning.
+`pretrain(config, workdir)` builds all of it from a pre-training config (`configs.pretraining_config`).
 """
 from __future__ import annotations
 
@@ -16,16 +17,21 @@ from typing import Any, Callable, Iterable, Iterator
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
+from ml_collections import ConfigDict
 from tqdm.auto import tqdm
 
 from hubert_ecg_jax.config import MODEL_INPUT_LENGTH, HubertECGConfig
+from hubert_ecg_jax.data.pipeline import PipelineConfig, make_eval_iterator, make_train_iterator
+from hubert_ecg_jax.data.records import read_manifest
 from hubert_ecg_jax.model import HubertECG
 from hubert_ecg_jax.parallel import make_launcher
+from hubert_ecg_jax.pretrained import load_pretrained
 from hubert_ecg_jax.train.checkpointing import CheckpointManager, DataPosition, export_model
 from hubert_ecg_jax.train.engine import Engine, Job, RunConfig
 from hubert_ecg_jax.train.objectives import validation_metrics
 from hubert_ecg_jax.train.optimizer import OptimizerConfig, make_optimizer
-from hubert_ecg_jax.train.state import TrainState, create_train_state, init_params
+from hubert_ecg_jax.train.state import (TrainState, create_train_state, init_params,
+                                        next_iteration_params)
 from hubert_ecg_jax.train.step import make_eval_step, make_train_step
 
 TRAIN_KEYS = ("x", "attention_mask", "targets", "mask_time_indices")
@@ -227,3 +233,42 @@ class Pretrainer(Job):
       self.print(f"exported the final model to {model_dir}"
                  + (f" and the best (step {best}) to {workdir / 'model_best'}" if best else ""))
     return model_dir
+
+
+def pretrain(config: ConfigDict, workdir: str | pathlib.Path) -> TrainResult:
+  """Builds the model, data pipeline and `Pretrainer` from a pre-training ConfigDict and runs it."""
+  m, d, o, t = config.model, config.data, config.optimizer, config.train
+  if not d.train_dir:
+    raise ValueError("set the training records: --config.data.train_dir=RECORDS (written by `targets`)")
+  manifest = read_manifest(d.train_dir)
+  record_vocab = tuple(manifest.targets_info.get("vocab_sizes", ()))
+  if record_vocab and tuple(m.vocab_sizes) != record_vocab:
+    raise ValueError(f"config.model.vocab_sizes is {tuple(m.vocab_sizes)} but the records in "
+                     f"{d.train_dir} have targets with K = {record_vocab}: set "
+                     f"--config.model.vocab_sizes={','.join(map(str, record_vocab))} or use other records")
+  if manifest.target_codebooks not in (0, len(m.vocab_sizes)):  # 0: the pipeline explains
+    raise ValueError(f"the records in {d.train_dir} have {manifest.target_codebooks} target codebooks "
+                     f"but config.model.vocab_sizes has {len(m.vocab_sizes)}: {tuple(m.vocab_sizes)}")
+  model_config = HubertECGConfig.preset(
+      m.size, m.downsampling, vocab_sizes=tuple(m.vocab_sizes), compute_dtype=m.compute_dtype,
+      hidden_dropout=m.dropout, attention_dropout=m.dropout, activation_dropout=m.dropout,
+      layerdrop=m.layerdrop, mask_time_prob=d.mask_prob, mask_time_length=d.mask_span,
+      mask_time_min_masks=d.min_masks)
+  processes = jax.process_count()
+  if d.batch_size % processes:
+    raise ValueError(f"data.batch_size {d.batch_size} does not split over {processes} processes")
+  local_batch = d.batch_size // processes
+  optimizer_config = OptimizerConfig(total_steps=t.total_steps, **o)
+  loop_config = LoopConfig(**t, eval_batch_size=local_batch)
+  pipeline = PipelineConfig(batch_size=local_batch, seed=d.seed, train_crop="first", eval_crop="first",
+                            with_targets=True, mask_prob=d.mask_prob, mask_span=d.mask_span,
+                            min_masks=d.min_masks, honour_padding=d.honour_padding,
+                            shuffle_buffer=d.shuffle_buffer, model_config=model_config)
+  init_params = None
+  if m.init_from:  # the next iteration: previous backbone and projection, new label embeddings
+    _, previous = load_pretrained(m.init_from)
+    init_params = next_iteration_params(previous, model_config, jax.random.PRNGKey(t.seed))
+  trainer = Pretrainer(model_config, optimizer_config, loop_config)
+  val_batches = (lambda: make_eval_iterator(d.val_dir, pipeline)) if d.val_dir else None
+  return trainer.run(workdir, make_train_iterator(d.train_dir, pipeline), val_batches,
+                     init_params=init_params)
