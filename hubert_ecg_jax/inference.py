@@ -1,22 +1,6 @@
 """Batched deterministic inference: classifiers and embeddings over ECG files or records directories.
 
-No masking and no dropout anywhere here. Inputs are 5-s windows of prepared records (500 Hz,
-band-passed, min-max scaled; `data.preprocess`) taken as `crop` says:
-
-- "first": the first 5 s (the original's evaluation without TTA);
-- "tta": `n_crops` evenly spaced windows from start to end (deterministic);
-- "random": `n_crops` seeded random windows (the original's TTA, with the last offset included);
-- "cover": as many evenly spaced windows as cover the record, ceil(samples / 2500) (10 s -> the two
-  halves); files only.
-
-Per-window outputs of one record are aggregated over its windows (`evaluate.aggregate_crops`: mean or
-max; the original's test.sh takes the max of the sigmoid probabilities). Batches are padded to a fixed
-size (one compilation) and split over this host's devices.
-
-A fine-tuned classifier is a model directory (`model_dir.save_model`) whose params are
-{"hubert_ecg": ..., "classifier": ...} and whose metadata (format `CLASSIFIER_FORMAT`) holds the task,
-output names, head sizes and the thresholds tuned on validation.
-"""
+More in docs/modules.md."""
 from __future__ import annotations
 
 import dataclasses

@@ -1,15 +1,6 @@
 """The device layer: the `("data",)` mesh, placing state and batches, host copies, and launchers.
 
-Training runs one per-device step (`lax.psum` over `AXIS`) data-parallel, launched either by
-`jax.pmap` or by `jax.jit(jax.shard_map(...))`; inference runs a function over fixed-size batches
-(`BatchRunner`). All build on one mesh (`data_mesh`): the state is replicated, batches are split along
-their first axis and placed with `jax.make_array_from_process_local_data`, so each process passes
-only its own rows and the same code runs on one host or many.
-
-Checkpoints see one layout whatever the launcher: `checkpoint_view` gives the state as arrays
-replicated over the mesh (`NamedSharding(mesh, P())`), and `place_state` takes such a state (or
-host arrays) back into the launcher's layout.
-"""
+More in docs/modules.md."""
 from __future__ import annotations
 
 import math

@@ -1,12 +1,6 @@
 """Released HuBERT-ECG weights in, ours out: `load_pretrained` and `export_hf_directory`.
 
-Accepted inputs:
-- a Hugging Face directory as released: `config.json` + `model.safetensors` or `pytorch_model.bin`;
-- the original's `.pt` training checkpoints (`model_config` is a pickled `HuBERTECGConfig`: it is
-  read with PyTorch's weights-only unpickler, the config class mapped to an inert stand-in; any other
-  pickled class is refused and no code from the file runs);
-- a model directory written by `hubert_ecg_jax.model_dir.save_model` (what `convert` writes).
-"""
+More in docs/modules.md."""
 from __future__ import annotations
 
 import json

@@ -185,7 +185,7 @@ def prepare_task(task: tuple[RecordSource, PrepareSettings]
   return prepare_source(*task)
 
 
-def _file_digest(path: pathlib.Path) -> str:
+def file_digest(path: pathlib.Path) -> str:
   return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
@@ -196,7 +196,7 @@ def _job_fingerprint(sources: Sequence[RecordSource], settings: PrepareSettings,
       "num_sources": len(sources), "sources_sha256": listing.hexdigest(), "num_shards": num_shards,
       "order": settings.order, "nan_policy": settings.nan_policy, "fs": settings.fs,
       "label_source": settings.label_source, "label_start_index": label_start_index,
-      "labels_csv_sha256": _file_digest(labels_csv) if labels_csv else None,
+      "labels_csv_sha256": file_digest(labels_csv) if labels_csv else None,
   }
 
 

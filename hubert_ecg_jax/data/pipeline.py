@@ -1,27 +1,6 @@
 """Streaming tf.data input pipeline over a records directory (see `records`), for training and evaluation.
 
-Training, per host: each epoch `e` shuffles the host's shard files, interleaves them, takes a 5-s
-lead-aligned window of each record (uniform random offset, or the first 5 s), shuffles windows in a
-buffer, and batches (dropping the remainder); epochs follow one another forever. Everything random is
-seeded from (`seed`, `e`, element index), so the same seed gives the same batches, and the iterator
-state (`BatchIterator.save` / `restore`) resumes exactly. Each batch then goes through the online
-stage (`preprocess.model_inputs`, computed bit for bit by `online.fast_model_inputs`: NaN fill,
-lead-major flatten, `decimate(x, 5)`, attention mask) in parallel calls inside tf.data; for pre-training, span masks are sampled there too with
-`masking.sample_span_mask`, from a numpy generator seeded by (`seed`, host, batch index).
-
-Hosts: with at least as many shard files as hosts, host i reads files i, i+n, ...; otherwise every
-host reads every file and keeps records i, i+n, ... of the (identically ordered) stream. Each host
-sees its part of every record exactly once per epoch.
-
-Evaluation: one pass in file order, the first 5 s of each record, or `eval_crops` windows per record
-("tta": evenly spaced offsets as `preprocess.crop_offsets`; "random": seeded random offsets), batches
-of at most `batch_size` (the last may be smaller).
-
-Batches are dicts of numpy arrays: x float32 (B, 6000), attention_mask int32 (B, 6000), labels float32
-(B, L), record_id str (B,), crop_offset int32 (B,) (500-Hz sample where the window starts), in
-evaluation crop_index int32 (B,), and with targets: targets int32 (B, C, 93) and, in training,
-mask_time_indices bool (B, 93).
-"""
+More in docs/modules.md."""
 from __future__ import annotations
 
 import dataclasses

@@ -1,12 +1,6 @@
 """Fine-tuning settings: the `ConfigDict` the config files start from, and its typed, checked form.
 
-Config files (`configs/finetune_*.py`) call `default_config()` and change what their recipe needs;
-`--config.KEY=VALUE` overrides any entry. Defaults are the original's fine-tuning recipe (reference §3,
-finetune.sh): AdamW lr 1e-5, betas (0.9, 0.98), eps 1e-9, weight decay 0.01 on every parameter, 8%
-linear warmup then linear decay, batch 64, 70k steps, validation every 500 steps with patience 8,
-loss weights on, random aligned 5-s crops, CNN frozen, every block trainable, dropout 0 except
-attention 0.1 and classifier 0.1.
-"""
+More in docs/modules.md."""
 from __future__ import annotations
 
 import dataclasses

@@ -1,24 +1,9 @@
 """The train / val / test data of a fine-tuning run, always as records directories.
 
-Three sources (`DataConfig.source`), all ending as records directories (the format `hubert-ecg-jax
-preprocess` writes, read by the tf.data pipeline):
-
-- "records": `train`, `val`, `test` are records directories, one per split (`preprocess` each split's
-  records into its own directory; labels may differ between them and are matched by name).
-- "split_csv": `train`, `val`, `test` are the original's reproducibility split CSVs (file name,
-  metadata columns, one column per label from `label_start_index`); file names are relative to
-  `records_dir` (as the original's `ecg_dir_path`) unless absolute. Each split is prepared once
-  (`prepare_record`) into `<workdir>/data/<split>` and reused while the CSV and settings are unchanged.
-- "tfds": `train`, `val`, `test` are split names of the TensorFlow Datasets builder `tfds_name`
-  (e.g. "ptb_xl/superdiag" with splits train / validation / test; "ecg_folder" for a folder plus a
-  labels CSV), prepared once by TFDS (from `manual_dir`) and copied into `<workdir>/data/<split>`.
-
-`val` is required (early stopping and thresholds); `test` is optional.
-"""
+More in docs/modules.md."""
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import multiprocessing
 import os
 import pathlib
@@ -30,11 +15,9 @@ import numpy as np
 from tqdm import tqdm
 
 from hubert_ecg_jax.data import ingest, records as records_lib
-from hubert_ecg_jax.files import atomic_path
 
 SOURCES = ("records", "split_csv", "tfds")
 SPLITS = ("train", "val", "test")
-RECORDS_PER_SHARD = 512
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,10 +98,6 @@ def read_labels(directory: str | os.PathLike) -> tuple[list[str], np.ndarray, li
 # Writing records directories
 
 
-def _digest(path: pathlib.Path) -> str:
-  return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _reusable(directory: pathlib.Path, job: dict[str, Any]) -> bool:
   """True when `directory` holds a complete records directory written for `job`."""
   if not (directory / records_lib.MANIFEST_NAME).is_file():
@@ -130,39 +109,6 @@ def _reusable(directory: pathlib.Path, job: dict[str, Any]) -> bool:
   return True
 
 
-def write_records_streaming(directory: pathlib.Path, records: Iterable[records_lib.StoredRecord],
-                            label_names: list[str], job: dict[str, Any],
-                            failures: list[dict[str, str]]) -> records_lib.RecordsManifest:
-  """Writes `records` in shards of `RECORDS_PER_SHARD` into a temporary folder, then renames it to
-  `directory` (a crash leaves nothing half-written). Memory holds one shard at a time."""
-  with atomic_path(directory, folder=True) as staging:
-    shards: list[records_lib.ShardInfo] = []
-    rates: dict[str, int] = {}
-    block: list[bytes] = []
-
-    def flush() -> None:
-      name = f"records-{len(shards):05d}.tfrecord"
-      shards.append(records_lib.ShardInfo(name, records_lib.write_shard(staging / name, block)))
-      block.clear()
-
-    for record in records:
-      block.append(records_lib.encode_example(record))
-      rates[f"{record.source_fs:g}"] = rates.get(f"{record.source_fs:g}", 0) + 1
-      if len(block) == RECORDS_PER_SHARD:
-        flush()
-    if block:
-      flush()
-    if not shards:
-      raise ValueError(f"no record of {job.get('split', directory.name)} could be prepared "
-                       f"({len(failures)} failed, e.g. {failures[:2]})")
-    manifest = records_lib.RecordsManifest(
-        job=job, label_names=list(label_names), shards=shards,
-        num_records=sum(s.num_records for s in shards), complete=True,
-        source_sampling_rates=rates, failures=failures)
-    records_lib.write_manifest(staging, manifest)
-  return manifest
-
-
 def materialise_split_csv(csv_path: str | os.PathLike, records_dir: str | os.PathLike,
                           directory: pathlib.Path, label_start_index: int = 3,
                           fs: float | None = None, workers: int | None = None, progress: bool = True
@@ -171,7 +117,7 @@ def materialise_split_csv(csv_path: str | os.PathLike, records_dir: str | os.Pat
   directory at `directory`, reused when the CSV and settings are unchanged."""
   csv_path = pathlib.Path(csv_path)
   records_dir = pathlib.Path(records_dir)
-  job = {"source": "split_csv", "csv": str(csv_path.absolute()), "csv_sha256": _digest(csv_path),
+  job = {"source": "split_csv", "csv": str(csv_path.absolute()), "csv_sha256": ingest.file_digest(csv_path),
          "records_dir": str(records_dir.absolute()), "label_start_index": label_start_index,
          "fs": fs}
   if _reusable(directory, job):
@@ -193,11 +139,11 @@ def materialise_split_csv(csv_path: str | os.PathLike, records_dir: str | os.Pat
   tasks = [(source, settings) for source in sources]
   if workers > 1 and len(sources) > 1:
     with multiprocessing.get_context("spawn").Pool(workers) as pool:
-      write_records_streaming(directory, prepared(pool.imap(ingest.prepare_task, tasks, chunksize=4)),
-                              list(label_names), job, failures)
+      records_lib.write_records(directory, prepared(pool.imap(ingest.prepare_task, tasks, chunksize=4)),
+                                label_names, job=job, failures=failures)
   else:
-    write_records_streaming(directory, prepared(map(ingest.prepare_task, tasks)), list(label_names),
-                            job, failures)
+    records_lib.write_records(directory, prepared(map(ingest.prepare_task, tasks)), label_names,
+                              job=job, failures=failures)
   return directory
 
 
@@ -235,5 +181,5 @@ def materialise_tfds_split(config: DataConfig, split: str, directory: pathlib.Pa
           source_fs=float(example.get("source_fs", 500.0)),
           age=float(example.get("age", np.nan)))
 
-  write_records_streaming(directory, stored(), label_names, job, [])
+  records_lib.write_records(directory, stored(), label_names, job=job)
   return directory

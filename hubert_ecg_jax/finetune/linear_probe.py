@@ -1,20 +1,6 @@
 """Linear probe: a frozen backbone, embeddings computed once, a scikit-learn linear head.
 
-Select it with `--config.mode=linear_probe` on any fine-tuning config. The backbone embeds every
-record once (masked mean of the last hidden state over the first 5 s, no dropout; exactly what the
-classifier head sees), features are standardised with the training mean and deviation, and a linear
-model is fitted for each `probe.c_values` entry (inverse L2 strength C):
-
-- multi-label: one `LogisticRegression` per label (a label whose training records are all positive
-  gets a constant head);
-- multi-class: multinomial `LogisticRegression`;
-- regression: `Ridge` with alpha = 1 / C.
-
-`class_weight="balanced"` follows `train.use_loss_weights`. The C with the best validation score
-wins; its head, with the standardisation folded in (kernel = coef / std, bias = intercept - kernel .
-mean), becomes the `classifier` of an ordinary fine-tuned model in `workdir/best_model`, so
-`evaluate`, `predict` and `embed` use it like any other (thresholds tuned on validation).
-"""
+More in docs/modules.md."""
 from __future__ import annotations
 
 import math

@@ -1,19 +1,6 @@
 """The fine-tuning run: data, task, model, then train with validation, early stopping and resume.
 
-`finetune(settings, workdir)`:
-  1. resolves the splits to records directories (`finetune.data`), reads the training labels and builds
-     the task (multi-label labels without a positive training record are left out, with a note) and its
-     loss weights from the training set;
-  2. builds the classifier on the backbone (pretrained weights, or random init for the from-scratch
-     baseline) and the optimizer (AdamW + warmup/decay, freezing, layer-wise LR decay);
-  3. trains on random aligned 5-s crops, data-parallel over the local devices; every `eval_every`
-     steps (and at the end) it predicts the validation split, scores it (macro AUROC, or the loss) and,
-     when the score improves, saves the classifier to `workdir/best_model` with the thresholds tuned on
-     that validation; after `patience` validations without improvement it stops;
-  4. checkpoints after every validation (state, early-stopping counters, data position) under
-     `workdir/checkpoints`: rerunning the same command resumes; SIGTERM/Ctrl-C checkpoints and stops.
-`mode="linear_probe"` replaces step 3 with `finetune.linear_probe`.
-"""
+More in docs/modules.md."""
 from __future__ import annotations
 
 import dataclasses

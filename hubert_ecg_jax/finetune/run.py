@@ -1,12 +1,6 @@
 """A fine-tuning run's pieces: the task, model and data it prepares, validation, the saved classifier.
 
-`prepare` resolves the splits to records directories (`finetune.data`), reads the training labels
-and builds the task (multi-label labels without a positive training record are left out, with a
-note) and its loss weights from the training set, then the classifier on the backbone (pretrained
-weights, or random init for the from-scratch baseline). `validate` predicts the validation split
-and scores it (macro AUROC, or the loss); `save_classifier` writes a model with the thresholds
-tuned on that validation. Fine-tuning (`finetune.loop`) and the linear probe use them.
-"""
+More in docs/modules.md."""
 from __future__ import annotations
 
 import dataclasses

@@ -1,13 +1,6 @@
 """The fine-tuning train step: per device, run data-parallel by a launcher of `parallel.py`.
 
-Each device computes the loss sums of its share of the batch; numerators and denominators are summed
-over devices (`lax.psum`) so the gradient is the one of the whole global batch, whatever the number of
-devices. Frozen leaves (see `freezing`) are returned untouched, bit for bit; a step with a non-finite
-loss or gradient keeps params and optimizer state (and counts itself in the state): the update tail
-of pre-training (`train.step.apply_update`).
-
-A batch: x (batch, 6000) float32, attention_mask (batch, 6000) int32, targets (see `losses.loss_sums`).
-"""
+More in docs/modules.md."""
 from __future__ import annotations
 
 from typing import Any, Callable

@@ -1,14 +1,6 @@
 """Frame features of every record, dumped per shard; k-means units written back into the records.
 
-Iteration 1 uses hand-made frame features (`features.frame_features`); iteration n uses the hidden
-states of one encoder layer of the previous iteration's model. Either way the input is the first
-5-s window of each record (where pre-training targets live), prepared by `preprocess.model_inputs`.
-
-Layout of a features directory: for every records shard `NAME.tfrecord`, `NAME.npy` (records, frames,
-dim) float32 and `NAME.ids.json` (the record ids in the same order), plus `features.json` saying
-what the features are. Each shard is written atomically and skipped when it already exists, so a
-stopped dump resumes where it stopped.
-"""
+More in docs/modules.md."""
 from __future__ import annotations
 
 import json

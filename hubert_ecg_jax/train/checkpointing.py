@@ -1,13 +1,6 @@
 """Training checkpoints with Orbax (v1 `training.Checkpointer`): state + data position, atomic.
 
-A checkpoint is one step directory holding two checkpointables: `state` (the `TrainState`,
-replicated arrays) and `data` (the input iterator's position, one file set per process). Orbax
-writes to a temporary directory and renames it when complete, so a crash never leaves a half
-checkpoint. Kept: the last `keep_last` checkpoints and the `keep_best` ones with the lowest
-validation loss. Restoring goes into abstract arrays built for the *current* devices, so a run
-saved on 8 devices resumes on 1 and the other way round. A latest checkpoint that cannot be read
-(damaged after it was written) is skipped with a warning for the next older one.
-"""
+More in docs/modules.md."""
 from __future__ import annotations
 
 import os

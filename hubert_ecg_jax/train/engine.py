@@ -1,19 +1,4 @@
-"""The training engine: one loop for pre-training and fine-tuning.
-
-`Engine.run(workdir, job, batches)` trains until `total_steps`; a `Job` plugs in what differs (the
-state at step 0, how a batch is made, validation and its "best model" rule, the export):
-
-  1. resume from the latest checkpoint under `workdir/checkpoints` (state, the job's extra state,
-     data position), or start from `job.new_state()`;
-  2. each step: the job's batch, placed on the devices, through the launcher's step;
-  3. every `log_every` steps (and the first and the last): metrics to stdout and TensorBoard;
-  4. every `val_every` steps and at the end: `job.validate`, then a checkpoint carrying its loss;
-     every `checkpoint_every` steps: a checkpoint;
-  5. on SIGTERM or SIGINT (to any process; all processes stop at the same step): finish the step,
-     checkpoint, return (a second Ctrl-C interrupts at once); after `max_nonfinite_streak`
-     non-finite steps in a row: checkpoint, stop with a message; `job.stop_reason()`: stop;
-  6. at the end: `job.export`.
-"""
+"""The training engine: one loop for pre-training and fine-tuning (more: docs/modules.md)."""
 from __future__ import annotations
 
 import dataclasses

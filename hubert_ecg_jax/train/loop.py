@@ -1,13 +1,6 @@
 """Pre-training: the masked-prediction job the training engine runs (see `engine.py`).
 
-`Pretrainer.run` takes an iterator of process-local numpy batches (the data pipeline's, or any with
-the same keys; see `step.py`) and trains until `total_steps`, resuming from `workdir/checkpoints`.
-It starts from fresh parameters (or `init_params`, e.g. the next iteration's), checks each batch
-on the host, validates on `val_batches` (CE and accuracy over all frames; the checkpoints with the
-lowest validation loss are kept) and at the end exports the final params to `workdir/model` and
-the best by validation loss to `workdir/model_best`, as model directories for fine-tuning.
-`pretrain(config, workdir)` builds all of it from a pre-training config (`configs.pretraining_config`).
-"""
+More in docs/modules.md."""
 from __future__ import annotations
 
 import dataclasses

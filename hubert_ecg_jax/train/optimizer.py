@@ -1,10 +1,6 @@
 """The pre-training optimizer: AdamW with linear warmup and linear decay, as the original.
 
-The original (pretrain.py) uses torch AdamW (lr 5e-5, betas (0.9, 0.98), eps 1e-9, weight decay
-0.01 on every parameter) with `transformers.get_linear_schedule_with_warmup` (warmup
-ceil(8% of the steps), then linear decay to 0). Global-norm clipping and a weight-decay mask that
-spares biases, norms and embeddings are options the original did not have.
-"""
+More in docs/modules.md."""
 from __future__ import annotations
 
 import dataclasses

@@ -1,15 +1,6 @@
 """One per-device masked-prediction train step and an eval step, both with named-axis collectives.
 
-The functions here see one device's share of the global batch and talk to the other devices
-only through `lax.psum` over the `"data"` axis; `parallel.py` runs them under `jax.pmap` or
-`jax.jit(jax.shard_map(...))`. The loss is normalised by the frame counts of the whole global
-batch, so gradients summed over micro-batches and devices are exactly the gradients of one big
-batch (the mean over its selected frames, as the original), whatever the split.
-
-A batch is a dict of arrays (global shapes; each device gets batch / devices rows):
-  x (batch, samples) float32, attention_mask (batch, samples) int32,
-  targets (batch, codebooks, frames) int32, mask_time_indices (batch, frames) bool (training only).
-"""
+More in docs/modules.md."""
 from __future__ import annotations
 
 from typing import Any, Callable
