@@ -12,11 +12,21 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
+from hubert_ecg_jax import model_dir
 from hubert_ecg_jax.classifier import HubertECGForClassification, masked_mean
 from hubert_ecg_jax.config import HubertECGConfig
+from hubert_ecg_jax.data.pipeline import PipelineConfig, make_eval_iterator
+from hubert_ecg_jax.data.preprocess import (WINDOW_SAMPLES, crop_offsets, crop_window, model_inputs,
+                                            prepare_record)
+from hubert_ecg_jax.data.readers import (HDF5_EXTENSIONS, find_hdf5_files, find_records,
+                                         read_code15_hdf5, read_record)
+from hubert_ecg_jax.data.records import read_manifest
 from hubert_ecg_jax.finetune.tasks import Task
+from hubert_ecg_jax.model import HubertECG
 from hubert_ecg_jax.parallel import BatchRunner
+from hubert_ecg_jax.pretrained import load_pretrained, load_pretrained_with_heads
 
 CLASSIFIER_FORMAT = "hubert-ecg-jax/classifier"
 CLASSIFIER_FORMAT_VERSION = 1
@@ -63,9 +73,6 @@ def load_classifier(path: str | pathlib.Path, compute_dtype: str | None = None) 
 
 
 def _load_classifier(path: str | pathlib.Path) -> Classifier:
-  from hubert_ecg_jax import model_dir
-  from hubert_ecg_jax.pretrained import load_pretrained_with_heads
-
   path = pathlib.Path(path)
   if model_dir.is_model_dir(path):
     config, params, metadata = model_dir.load_model(path)
@@ -101,8 +108,6 @@ def load_backbone(path: str | pathlib.Path, compute_dtype: str | None = None
                   ) -> tuple[HubertECGConfig, dict]:
   """(config, backbone params) of any model: pretrained or fine-tuned, ours or converted;
   `compute_dtype` replaces the config's (None keeps it)."""
-  from hubert_ecg_jax.pretrained import load_pretrained
-
   config, backbone = load_pretrained(path, compute_dtype)
   return config, strip_pretraining_heads(backbone)
 
@@ -116,8 +121,6 @@ def classifier_logits_fn(model: HubertECGForClassification) -> Callable:
 def embedding_fn(config: HubertECGConfig, layer: int | None = None, pool: str = "mean") -> Callable:
   """(backbone params, x, mask) -> (batch, hidden) masked mean, or (batch, frames, hidden) for
   pool "none", of hidden state `layer` (0: the encoder input, L: the last block; None: the last)."""
-  from hubert_ecg_jax.model import HubertECG
-
   if pool not in POOLING:
     raise ValueError(f"pool must be one of {POOLING}, found {pool!r}")
   if layer is not None and not 0 <= layer <= config.num_hidden_layers:
@@ -141,8 +144,6 @@ def embedding_fn(config: HubertECGConfig, layer: int | None = None, pool: str = 
 def window_offsets(num_samples: int, crop: str, n_crops: int = 1,
                    rng: np.random.Generator | None = None) -> np.ndarray:
   """Start offsets of the 5-s windows of a 500-Hz record of `num_samples` samples (see module doc)."""
-  from hubert_ecg_jax.data.preprocess import WINDOW_SAMPLES, crop_offsets
-
   if crop not in CROP_MODES:
     raise ValueError(f"crop must be one of {CROP_MODES}, found {crop!r}")
   if crop == "cover":
@@ -152,8 +153,6 @@ def window_offsets(num_samples: int, crop: str, n_crops: int = 1,
 
 def record_windows(prepared: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """Prepared record (12, n) and offsets (k,) -> model inputs x, mask, each (k, 6000)."""
-  from hubert_ecg_jax.data.preprocess import crop_window, model_inputs
-
   return model_inputs(np.stack([crop_window(prepared, int(offset)) for offset in offsets]))
 
 
@@ -170,8 +169,6 @@ class FileResult:
 def list_input_files(path: str | pathlib.Path, extensions: Sequence[str] = (".hea", ".npy")
                      ) -> list[pathlib.Path]:
   """A record file, or the record files of a folder (recursive; CODE-15 HDF5 files included)."""
-  from hubert_ecg_jax.data.readers import HDF5_EXTENSIONS, find_hdf5_files, find_records
-
   path = pathlib.Path(path)
   if path.is_file():
     return [path]
@@ -186,8 +183,6 @@ def list_input_files(path: str | pathlib.Path, extensions: Sequence[str] = (".he
 
 def read_file_records(path: pathlib.Path, fs: float | None = None) -> Iterator[Any]:
   """The records of one file (CODE-15 HDF5 files hold many) as `EcgRecord`s."""
-  from hubert_ecg_jax.data.readers import HDF5_EXTENSIONS, read_code15_hdf5, read_record
-
   if path.suffix.lower() in HDF5_EXTENSIONS:
     yield from read_code15_hdf5(path)
   else:
@@ -203,10 +198,6 @@ def run_on_files(runner: BatchRunner, params: Any, files: Sequence[pathlib.Path]
   A record that cannot be read or prepared is passed to `on_error(source, reason)` and skipped
   (without `on_error` the error is raised).
   """
-  from tqdm import tqdm
-
-  from hubert_ecg_jax.data.preprocess import prepare_record
-
   def prepared_records() -> Iterator[tuple[Any, str, np.ndarray, np.ndarray, np.ndarray]]:
     for index, path in enumerate(tqdm(files, desc="records", unit="file", disable=not progress)):
       try:
@@ -254,11 +245,6 @@ def run_on_records_dir(runner: BatchRunner, params: Any, directory: str | pathli
                        crop: str = "first", n_crops: int = 1, seed: int = 0,
                        progress: bool = True) -> DirectoryResult:
   """Runs every record of a records directory (`hubert-ecg-jax preprocess` output) through `runner`."""
-  from tqdm import tqdm
-
-  from hubert_ecg_jax.data.pipeline import PipelineConfig, make_eval_iterator
-  from hubert_ecg_jax.data.records import read_manifest
-
   if crop not in ("first", "tta", "random"):
     raise ValueError(f"records directories take crop 'first', 'tta' or 'random', found {crop!r}")
   manifest = read_manifest(directory)

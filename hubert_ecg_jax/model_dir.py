@@ -11,6 +11,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from orbax.checkpoint import v1 as ocp
 
 from hubert_ecg_jax.config import HubertECGConfig
 from hubert_ecg_jax.files import atomic_path
@@ -28,8 +29,6 @@ def is_model_dir(path: str | pathlib.Path) -> bool:
 def save_model(directory: str | pathlib.Path, config: HubertECGConfig, params: Any,
                metadata: dict[str, Any] | None = None, overwrite: bool = False) -> pathlib.Path:
   """Writes the model to `directory` atomically: a crash leaves either nothing or a complete model."""
-  from orbax.checkpoint import v1 as ocp
-
   directory = pathlib.Path(directory).absolute()
   if directory.exists() and not overwrite:
     raise FileExistsError(f"{directory} already exists: choose another output or pass overwrite")
@@ -51,8 +50,6 @@ def write_config_and_metadata(directory: pathlib.Path, config: HubertECGConfig,
 
 def load_model(directory: str | pathlib.Path) -> tuple[HubertECGConfig, dict, dict[str, Any]]:
   """Reads a model written by `save_model`: (config, params as numpy arrays, metadata)."""
-  from orbax.checkpoint import v1 as ocp
-
   directory = pathlib.Path(directory)
   if not is_model_dir(directory):
     raise FileNotFoundError(f"{directory} is not a hubert-ecg-jax model directory: expected "

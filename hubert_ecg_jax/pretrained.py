@@ -12,9 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from hubert_ecg_jax import model_dir
-from hubert_ecg_jax.files import make_parent_folder
 from hubert_ecg_jax.config import HubertECGConfig
 from hubert_ecg_jax.convert import check_params, flax_to_state_dict, state_dict_to_flax
+from hubert_ecg_jax.files import make_parent_folder
+from hubert_ecg_jax.model import HubertECG
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 # Names under which the original's config class may have been pickled (module path varies with
@@ -24,8 +25,6 @@ _CONFIG_CLASS_NAMES = ("HuBERTECGConfig", "HubertECGConfig", "HubertConfig")
 
 def expected_params(config: HubertECGConfig, pretraining_heads: bool = True) -> dict:
   """Shapes of a HubertECG's params for `config` (no computation)."""
-  from hubert_ecg_jax.model import HubertECG
-
   model = HubertECG(config, pretraining_heads=pretraining_heads)
   x = jnp.zeros((1, max(config.min_input_length, 400)), jnp.float32)
   return jax.eval_shape(lambda: model.init({"params": jax.random.key(0)}, x))["params"]

@@ -302,9 +302,11 @@ def _write_directory(directory: str | os.PathLike, blocks: Iterable[Iterable[Sto
   """The one records writer: each block a shard (named `names`, else `shard_file_name`), staged
   and renamed into place with its manifest, so a failure leaves nothing behind."""
   directory = pathlib.Path(directory)
-  if directory.exists() and any(directory.iterdir()):
-    what = "a records manifest" if (directory / MANIFEST_NAME).exists() else "files"
-    raise FileExistsError(f"{directory} already holds {what}; choose an empty directory")
+  if (directory / MANIFEST_NAME).exists():
+    raise FileExistsError(f"{directory} already holds a records manifest; choose an empty directory")
+  # Shards without a manifest are an interrupted write of an earlier version: replaced.
+  if directory.exists() and any(not p.match("records-*.tfrecord") for p in directory.iterdir()):
+    raise FileExistsError(f"{directory} holds other files; choose an empty directory")
   shapes: set[tuple[int, ...] | None] = set()
   with atomic_path(directory, folder=True) as staging:
     written = []

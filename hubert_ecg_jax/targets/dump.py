@@ -9,12 +9,18 @@ import pathlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
 from hubert_ecg_jax.data import records as records_lib
 from hubert_ecg_jax.data.preprocess import crop_window, model_inputs
 from hubert_ecg_jax.files import atomic_path, write_json_atomic
+from hubert_ecg_jax.model import HubertECG
+from hubert_ecg_jax.pretrained import load_pretrained
+from hubert_ecg_jax.targets.features import FEATURE_SETS, frame_features
+from hubert_ecg_jax.targets.kmeans import KMeansModel
 
 FEATURES_MANIFEST = "features.json"
 FrameFeatureFn = Callable[[np.ndarray, np.ndarray], np.ndarray]  # x, attention_mask -> (b, frames, d)
@@ -22,7 +28,6 @@ FrameFeatureFn = Callable[[np.ndarray, np.ndarray], np.ndarray]  # x, attention_
 
 def handmade_features(feature_set: str) -> tuple[FrameFeatureFn, dict[str, Any]]:
   """Iteration-1 features: "stats" (16), "mfcc" (39) or "mixed" (29) per frame."""
-  from hubert_ecg_jax.targets.features import FEATURE_SETS, frame_features
   if feature_set not in FEATURE_SETS:
     raise ValueError(f"feature set must be one of {FEATURE_SETS}, found {feature_set!r}")
   return (lambda x, mask: frame_features(x, feature_set)), {"kind": "handmade",
@@ -34,12 +39,6 @@ def hidden_state_features(model_path: str | os.PathLike, layer: int,
                           ) -> tuple[FrameFeatureFn, dict[str, Any]]:
   """Iteration-n features: `hidden_states[layer]` of a model (0 = encoder input, L = last layer),
   computed in `compute_dtype` (None: the model config's)."""
-  import jax
-  import jax.numpy as jnp
-
-  from hubert_ecg_jax.model import HubertECG
-  from hubert_ecg_jax.pretrained import load_pretrained
-
   config, params = load_pretrained(model_path, compute_dtype)
   if not 0 <= layer <= config.num_hidden_layers:
     raise ValueError(f"layer must be in 0..{config.num_hidden_layers} for this "
@@ -153,7 +152,6 @@ def write_targets(records_dir: str | os.PathLike, features_dir: str | os.PathLik
 
   One codebook per k-means model; the manifest's `targets_info["vocab_sizes"]` gives their K.
   """
-  from hubert_ecg_jax.targets.kmeans import KMeansModel
 
   models = [KMeansModel.load(path) for path in kmeans_paths]
   units = assign_units(features_dir, models)

@@ -12,7 +12,9 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Sharding
+from orbax.checkpoint import v1 as ocp
 
 from hubert_ecg_jax.model_dir import PARAMS_DIR, save_model, write_config_and_metadata
 from hubert_ecg_jax.parallel import host_copy
@@ -80,8 +82,6 @@ class CheckpointManager:
   """Periodic checkpoints of a training run under `directory`, keep-last-N plus best-by-val-loss."""
 
   def __init__(self, directory: str | pathlib.Path, keep_last: int = 3, keep_best: int = 1):
-    from orbax.checkpoint import v1 as ocp
-
     if keep_last < 1:
       raise ValueError(f"keep_last must be >= 1 (the latest checkpoint is needed to resume), "
                        f"got {keep_last}")
@@ -199,9 +199,6 @@ def export_model(directory: str | pathlib.Path, config: HubertECGConfig, params:
   host_params = host_copy(params)
   if jax.process_count() == 1:
     return save_model(directory, config, host_params, metadata=metadata, overwrite=True)
-  from jax.experimental import multihost_utils
-  from orbax.checkpoint import v1 as ocp
-
   directory = pathlib.Path(directory).absolute()
   staging = directory.parent / f".{directory.name}.export"  # the same path on every process
   primary = jax.process_index() == 0
