@@ -47,7 +47,6 @@ def register(subparsers: Any) -> None:
   p.set_defaults(func=run)
 
 
-
 def run(args: argparse.Namespace) -> int:
   import numpy as np
 

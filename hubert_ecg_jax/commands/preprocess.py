@@ -1,10 +1,4 @@
-"""`hubert-ecg-jax preprocess SRC OUT`: ECG records -> sharded TFRecord files (`data.ingest`)."""
-from __future__ import annotations
-
-import argparse
-from typing import Any
-
-_DESCRIPTION = """ECG records -> sharded TFRecord files of 500 Hz prepared signals.
+"""`hubert-ecg-jax preprocess`: ECG records -> sharded TFRecord files of 500 Hz prepared signals.
 
 Records are listed (a folder searched recursively for `.hea`, `.npy` and CODE-15 HDF5 `.hdf5`/`.h5`
 files, one CODE-15 HDF5 file, or a CSV whose first column names the files; each exam of an HDF5 file
@@ -16,12 +10,16 @@ records it as finished in `manifest.json`. A rerun with the same arguments skips
 rerun with different ones is refused. Bad records are reported on stderr and in the manifest's
 `failures`, and the job carries on.
 """
+from __future__ import annotations
+
+import argparse
+from typing import Any
 
 
 def register(subparsers: Any) -> None:
   p = subparsers.add_parser(
       "preprocess", help="prepare ECG records into sharded TFRecord files (resumable)",
-      description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("src", help="a folder of records (.hea WFDB, .npy, CODE-15 .hdf5/.h5: one "
                  "record per exam), one CODE-15 HDF5 file, or a CSV listing records (first column "
                  "the file, relative to the CSV's folder; labels from --label-start-index)")
@@ -37,7 +35,7 @@ def register(subparsers: Any) -> None:
   sharding = p.add_mutually_exclusive_group()
   sharding.add_argument("--shards", type=int, help="number of shard files")
   sharding.add_argument("--records-per-shard", type=int,
-                        help="records per shard file (default 512: data.ingest.DEFAULT_RECORDS_PER_SHARD)")
+                        help="records per shard file (default 512)")  # data.ingest.DEFAULT_RECORDS_PER_SHARD
   p.add_argument("--workers", type=int, default=None,
                  help="worker processes (default: all CPU cores)")
   p.add_argument("--order", choices=("resample_first", "filter_first"), default="resample_first",

@@ -154,7 +154,7 @@ class Engine:
   def _run(self, workdir: pathlib.Path, job: Job, batches: Iterator[dict[str, np.ndarray]],
            position: DataPosition | None, manager: CheckpointManager,
            writer: MetricsWriter) -> Outcome:
-    config, launcher = self.config, self.launcher
+    loop, launcher = self.config, self.launcher
     state = self._resume(job, manager, position)
     step = int(host_copy(launcher.checkpoint_view(state).step))
     if position is None:
@@ -166,15 +166,15 @@ class Engine:
     previous = None
     first_step = step
     timer_step, timer_start = step, time.perf_counter()
-    bar = tqdm(total=config.total_steps, initial=step, unit="step", dynamic_ncols=True,
-               disable=not config.progress or jax.process_index() != 0)
+    bar = tqdm(total=loop.total_steps, initial=step, unit="step", dynamic_ncols=True,
+               disable=not loop.progress or jax.process_index() != 0)
 
     def checkpoint(with_val_loss: float | None = None) -> None:
       tree = self._with_extra(job, launcher.checkpoint_view(state))
       manager.save(step, tree, position, with_val_loss)
 
     with StopSignals() as signals, bar:
-      while step < config.total_steps:
+      while step < loop.total_steps:
         if job.stop_reason():
           stop_reason = job.stop_reason()
           break
@@ -182,7 +182,7 @@ class Engine:
           stop_reason = signals.received or "SIGTERM"  # another process got it
           break
         batch = job.batch(next(batches))
-        global_batch = len(next(iter(batch.values()))) * jax.process_count()
+        global_batch = batch["x"].shape[0] * jax.process_count()
         state, step_metrics = launcher.train_step(state, launcher.place_batch(batch))
         step += 1
         bar.update(1)
@@ -192,7 +192,7 @@ class Engine:
         if step == first_step + 1:
           jax.block_until_ready(step_metrics)  # leave compilation out of the speed
           timer_step, timer_start = step, time.perf_counter()
-        if step % config.log_every == 0 or step in (first_step + 1, config.total_steps):
+        if step % loop.log_every == 0 or step in (first_step + 1, loop.total_steps):
           metrics = {k: float(v) for k, v in launcher.to_host(step_metrics).items()}
           elapsed = time.perf_counter() - timer_start
           if step > timer_step and elapsed > 0:
@@ -200,19 +200,19 @@ class Engine:
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", ecg_per_s=f"{metrics['ecg_per_s']:.1f}")
           writer.write(step, metrics, "train")
           streak = int(metrics["nonfinite_streak"])
-        if streak >= config.max_nonfinite_streak:
+        if streak >= loop.max_nonfinite_streak:
           stop_reason = "nonfinite"
           break
-        at_end = step == config.total_steps
-        if job.validates and (at_end or (config.val_every and step % config.val_every == 0)):
+        at_end = step == loop.total_steps
+        if job.validates and (at_end or (loop.val_every and step % loop.val_every == 0)):
           val_metrics, val_loss = job.validate(state, step)
           writer.write(step, val_metrics, "val")
           checkpoint(val_loss)
-        elif at_end or (config.checkpoint_every and step % config.checkpoint_every == 0):
+        elif at_end or (loop.checkpoint_every and step % loop.checkpoint_every == 0):
           checkpoint()
 
     if stop_reason == "nonfinite":
-      self.print(f"stopping at step {step}: {config.max_nonfinite_streak} steps in a row had a "
+      self.print(f"stopping at step {step}: {loop.max_nonfinite_streak} steps in a row had a "
                  "non-finite loss or gradients (they were skipped; the state is the last finite "
                  "one). Lower the learning rate, enable grad_clip_norm or check the data.")
     if stop_reason not in ("finished", job.stop_reason()):

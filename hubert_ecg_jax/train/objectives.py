@@ -110,4 +110,3 @@ def validation_metrics(sums: Sums) -> dict[str, jax.Array]:
   for index in range(codebooks):
     metrics[f"perplexity_{index}"] = perplexity(sums[f"unit_counts_{index}"])
   return metrics
-

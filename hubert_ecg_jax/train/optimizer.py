@@ -78,4 +78,3 @@ def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
   if config.grad_clip_norm is None:
     return adamw
   return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), adamw)
-
