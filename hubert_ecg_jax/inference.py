@@ -3,9 +3,11 @@
 More in docs/modules.md."""
 from __future__ import annotations
 
+import csv
 import dataclasses
 import math
 import pathlib
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -22,7 +24,8 @@ from hubert_ecg_jax.data.preprocess import (WINDOW_SAMPLES, crop_offsets, crop_w
                                             prepare_record)
 from hubert_ecg_jax.data.readers import (HDF5_EXTENSIONS, find_hdf5_files, find_records,
                                          read_code15_hdf5, read_record)
-from hubert_ecg_jax.data.records import read_manifest
+from hubert_ecg_jax.data.records import MANIFEST_NAME, read_manifest
+from hubert_ecg_jax.files import atomic_path
 from hubert_ecg_jax.finetune.tasks import Task
 from hubert_ecg_jax.model import HubertECG
 from hubert_ecg_jax.parallel import BatchRunner
@@ -267,3 +270,54 @@ def run_on_records_dir(runner: BatchRunner, params: Any, directory: str | pathli
                          outputs=windows.reshape(count, n_crops, *windows.shape[1:]),
                          labels=np.concatenate(labels)[::n_crops],
                          label_names=list(manifest.label_names))
+
+
+def embed_to_file(model: str | pathlib.Path, data: str | pathlib.Path, out: str | pathlib.Path,
+                  layer: int | None = None, pool: str = "mean", crop: str = "first",
+                  crops: int = 2, fs: float | None = None,
+                  extensions: Sequence[str] = (".hea", ".npy"), batch_size: int = 64,
+                  overwrite: bool = False, progress: bool = True,
+                  compute_dtype: str | None = None) -> tuple[tuple[int, ...], int, pathlib.Path]:
+  """Embeddings of a records directory or ECG files to `out` (.npy) and `out.index.csv` (row,
+  record_id, source), both atomically: `hubert-ecg-jax embed`. Returns (shape, layer, index path)."""
+  out = pathlib.Path(out)
+  if out.suffix != ".npy":
+    raise ValueError(f"--out must name a .npy file, found {out}")
+  index_path = out.with_suffix(".index.csv")
+  for path in (out, index_path):
+    if path.exists() and not overwrite:
+      raise FileExistsError(f"{path} already exists: choose another --out or pass --overwrite")
+  if pool == "none" and crop != "first":
+    raise ValueError("--pool none keeps every frame of one window: use it with --crop first")
+  config, backbone = load_backbone(model, compute_dtype)
+  runner = BatchRunner(embedding_fn(config, layer, pool), batch_size)
+  data = pathlib.Path(data)
+  if (data / MANIFEST_NAME).is_file():
+    if crop == "cover":
+      raise ValueError("--crop cover is for ECG files; records directories take first or tta")
+    result = run_on_records_dir(runner, backbone, data, crop, crops, progress=progress)
+    embeddings, ids = result.outputs.mean(axis=1), result.record_ids
+    sources = [str(data)] * len(ids)
+  else:
+    files = list_input_files(data, extensions)
+
+    def on_error(source: str, reason: str) -> None:
+      print(f"skipped {source}: {reason}", file=sys.stderr)
+
+    rows, ids, sources = [], [], []
+    for item in run_on_files(runner, backbone, files, crop, crops, fs,
+                             on_error=on_error if len(files) > 1 else None, progress=progress):
+      rows.append(item.outputs.mean(axis=0))
+      ids.append(item.record_id)
+      sources.append(item.source)
+    if not rows:
+      raise ValueError(f"no record of {data} could be read")
+    embeddings = np.stack(rows)
+  embeddings = embeddings.astype(np.float32)
+  with atomic_path(out) as staging:
+    np.save(staging, embeddings)
+  with atomic_path(index_path) as staging, staging.open("w", newline="") as stream:
+    writer = csv.writer(stream)
+    writer.writerow(["row", "record_id", "source"])
+    writer.writerows([i, record_id, source] for i, (record_id, source) in enumerate(zip(ids, sources)))
+  return embeddings.shape, config.num_hidden_layers if layer is None else layer, index_path
