@@ -47,8 +47,3 @@ class HubertECGForClassification(nn.Module):
     if self.classifier_hidden_size:
       pooled = jnp.tanh(self.classifier_hidden(pooled))
     return self.classifier(pooled)
-
-  def embed(self, x: Array, attention_mask: Array | None = None) -> Array:
-    """Deterministic pooled embedding (batch, hidden) of the backbone."""
-    out = self.hubert_ecg(x, attention_mask=attention_mask, deterministic=True)
-    return masked_mean(out.last_hidden_state, out.frame_mask)

@@ -22,6 +22,12 @@ CONV_VARIANTS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
+# The input every model takes: 5 s of these 12 leads at 100 Hz, flattened lead-major.
+STANDARD_LEADS: tuple[str, ...] = (
+    "I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
+NUM_LEADS = len(STANDARD_LEADS)
+MODEL_INPUT_LENGTH = 6000  # NUM_LEADS x 5 s x 100 Hz
+
 # Keys of `config.json` that carry no information for this model; they are kept verbatim so that
 # a config read from a released repository is written back unchanged.
 _NOT_IN_CONFIG_JSON = ("compute_dtype", "remat", "hf_extra")  # fields of ours

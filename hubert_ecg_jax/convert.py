@@ -1,12 +1,6 @@
 """PyTorch state dicts of HuBERT-ECG <-> Flax params, by an explicit key table.
 
-PyTorch keys are those of the original's `HuBERTECG` (a `transformers.HubertModel` plus
-`final_proj.{i}` and `label_embedding.{i}`), optionally prefixed `hubert_ecg.` in fine-tuned
-checkpoints, whose classifier head is `classifier.{weight,bias}` (linear) or
-`classifier.{0,2}.{weight,bias}` (MLP). Layout changes: Linear (out, in) -> kernel (in, out);
-Conv1d (out, in, width) -> kernel (width, in, out); norms' `weight` -> `scale`; the positional
-conv keeps PyTorch's weight-norm split (`weight_g`, `weight_v`) and layout.
-"""
+More in docs/modules.md."""
 from __future__ import annotations
 
 import re

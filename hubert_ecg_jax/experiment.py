@@ -16,6 +16,7 @@ import pathlib
 from typing import Any, Sequence
 
 from ml_collections import ConfigDict
+from ml_collections.config_dict import placeholder
 
 # Bare config names (`pretrain_base`) are the files of the repository's configs/ folder, which the
 # package ships as `hubert_ecg_jax.configs` (pyproject maps the folder), so a wheel install has them.
@@ -198,7 +199,7 @@ def pretraining_config(size: str, iteration: int | str | None = None) -> ConfigD
       learning_rate=5e-5, b1=0.9, b2=0.98, eps=1e-9, weight_decay=0.01,
       decay_all_params=True,  # as the original; False spares biases, norms and embeddings
       warmup_fraction=0.08,
-      grad_clip_norm=0.0,  # 0 = no clipping (the original); fairseq's HuBERT uses 10
+      grad_clip_norm=placeholder(float),  # None: no clipping (the original); fairseq's HuBERT uses 10
   ))
   config.train = ConfigDict(dict(
       total_steps=steps,

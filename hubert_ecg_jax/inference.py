@@ -1,39 +1,35 @@
 """Batched deterministic inference: classifiers and embeddings over ECG files or records directories.
 
-No masking and no dropout anywhere here. Inputs are 5-s windows of prepared records (500 Hz,
-band-passed, min-max scaled; `data.preprocess`) taken as `crop` says:
-
-- "first": the first 5 s (the original's evaluation without TTA);
-- "tta": `n_crops` evenly spaced windows from start to end (deterministic);
-- "random": `n_crops` seeded random windows (the original's TTA, with the last offset included);
-- "cover": as many evenly spaced windows as cover the record, ceil(samples / 2500) (10 s -> the two
-  halves); files only.
-
-Per-window outputs of one record are aggregated over its windows (`evaluate.aggregate_crops`: mean or
-max; the original's test.sh takes the max of the sigmoid probabilities). Batches are padded to a fixed
-size (one compilation) and split over this host's devices.
-
-A fine-tuned classifier is a model directory (`checkpoint.save_model`) whose params are
-{"hubert_ecg": ..., "classifier": ...} and whose metadata (format `CLASSIFIER_FORMAT`) holds the task,
-output names, head sizes and the thresholds tuned on validation.
-"""
+More in docs/modules.md."""
 from __future__ import annotations
 
+import csv
 import dataclasses
 import math
 import pathlib
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from hubert_ecg_jax import model_dir
 from hubert_ecg_jax.classifier import HubertECGForClassification, masked_mean
 from hubert_ecg_jax.config import HubertECGConfig
+from hubert_ecg_jax.data.pipeline import PipelineConfig, make_eval_iterator
+from hubert_ecg_jax.data.preprocess import (WINDOW_SAMPLES, crop_offsets, crop_window, model_inputs,
+                                            prepare_record)
+from hubert_ecg_jax.data.readers import (HDF5_EXTENSIONS, find_hdf5_files, find_records,
+                                         read_code15_hdf5, read_record)
+from hubert_ecg_jax.data.records import MANIFEST_NAME, read_manifest
+from hubert_ecg_jax.files import atomic_path
 from hubert_ecg_jax.finetune.tasks import Task
-from hubert_ecg_jax.train.step import AXIS
+from hubert_ecg_jax.model import HubertECG
+from hubert_ecg_jax.parallel import BatchRunner
+from hubert_ecg_jax.pretrained import load_pretrained, load_pretrained_with_heads
+from hubert_ecg_jax.progress import progress_bar
 
 CLASSIFIER_FORMAT = "hubert-ecg-jax/classifier"
 CLASSIFIER_FORMAT_VERSION = 1
@@ -63,7 +59,7 @@ class Classifier:
 
 def classifier_metadata(task: Task, classifier_hidden_size: int | None, classifier_dropout: float,
                         thresholds: np.ndarray | None = None, **extra: Any) -> dict[str, Any]:
-  """The metadata a classifier is saved with (`checkpoint.save_model`)."""
+  """The metadata a classifier is saved with (`model_dir.save_model`)."""
   return {"format": CLASSIFIER_FORMAT, "version": CLASSIFIER_FORMAT_VERSION, "task": task.to_dict(),
           "classifier_hidden_size": classifier_hidden_size, "classifier_dropout": classifier_dropout,
           "thresholds": None if thresholds is None else [float(t) for t in thresholds], **extra}
@@ -80,12 +76,9 @@ def load_classifier(path: str | pathlib.Path, compute_dtype: str | None = None) 
 
 
 def _load_classifier(path: str | pathlib.Path) -> Classifier:
-  from hubert_ecg_jax import checkpoint
-  from hubert_ecg_jax.pretrained import load_pretrained_with_heads
-
   path = pathlib.Path(path)
-  if checkpoint.is_model_dir(path):
-    config, params, metadata = checkpoint.load_model(path)
+  if model_dir.is_model_dir(path):
+    config, params, metadata = model_dir.load_model(path)
     if metadata.get("format") != CLASSIFIER_FORMAT:
       raise ValueError(f"{path} is a model directory but not a fine-tuned classifier (its metadata "
                        f"has format {metadata.get('format')!r}, expected {CLASSIFIER_FORMAT!r}); "
@@ -94,7 +87,7 @@ def _load_classifier(path: str | pathlib.Path) -> Classifier:
     thresholds = metadata.get("thresholds")
     return Classifier(config, params, task, None if thresholds is None else np.asarray(thresholds),
                       metadata.get("classifier_hidden_size"), metadata)
-  if path.is_dir() and not (path / checkpoint.CONFIG_FILE).is_file():
+  if path.is_dir() and not (path / model_dir.CONFIG_FILE).is_file():
     raise FileNotFoundError(f"{path} is not a fine-tuned model: expected a directory written by "
                             "`hubert-ecg-jax finetune` (config.json, params/, metadata.json)")
   config, backbone, heads = load_pretrained_with_heads(path)
@@ -118,8 +111,6 @@ def load_backbone(path: str | pathlib.Path, compute_dtype: str | None = None
                   ) -> tuple[HubertECGConfig, dict]:
   """(config, backbone params) of any model: pretrained or fine-tuned, ours or converted;
   `compute_dtype` replaces the config's (None keeps it)."""
-  from hubert_ecg_jax.pretrained import load_pretrained
-
   config, backbone = load_pretrained(path, compute_dtype)
   return config, strip_pretraining_heads(backbone)
 
@@ -133,8 +124,6 @@ def classifier_logits_fn(model: HubertECGForClassification) -> Callable:
 def embedding_fn(config: HubertECGConfig, layer: int | None = None, pool: str = "mean") -> Callable:
   """(backbone params, x, mask) -> (batch, hidden) masked mean, or (batch, frames, hidden) for
   pool "none", of hidden state `layer` (0: the encoder input, L: the last block; None: the last)."""
-  from hubert_ecg_jax.model import HubertECG
-
   if pool not in POOLING:
     raise ValueError(f"pool must be one of {POOLING}, found {pool!r}")
   if layer is not None and not 0 <= layer <= config.num_hidden_layers:
@@ -151,43 +140,6 @@ def embedding_fn(config: HubertECGConfig, layer: int | None = None, pool: str = 
   return embed
 
 
-class BatchRunner:
-  """Runs `fn(params, x, mask)` over any number of inputs in fixed-size batches on local devices."""
-
-  def __init__(self, fn: Callable, batch_size: int = 64, devices: Sequence[jax.Device] | None = None):
-    self.mesh = Mesh(np.asarray(list(devices or jax.local_devices())), (AXIS,))
-    if batch_size < 1:
-      raise ValueError(f"batch_size must be at least 1, found {batch_size}")
-    self.batch_size = math.ceil(batch_size / self.mesh.size) * self.mesh.size
-    self._batch_sharding = NamedSharding(self.mesh, P(AXIS))
-    self._replicated = NamedSharding(self.mesh, P())
-    self._fn = jax.jit(fn)
-    self._params: Any = None
-    self._placed: Any = None
-
-  def place_params(self, params: Any) -> Any:
-    """Params replicated on the runner's devices (cached for the same params object)."""
-    if params is not self._params:
-      self._params, self._placed = params, jax.device_put(params, self._replicated)
-    return self._placed
-
-  def __call__(self, params: Any, x: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """x, mask (n, samples) -> outputs (n, ...) as numpy."""
-    placed = self.place_params(params)
-    outputs = []
-    for start in range(0, len(x), self.batch_size):
-      chunk_x, chunk_mask = x[start:start + self.batch_size], mask[start:start + self.batch_size]
-      pad = self.batch_size - len(chunk_x)
-      if pad:
-        chunk_x = np.concatenate([chunk_x, np.zeros((pad, *chunk_x.shape[1:]), chunk_x.dtype)])
-        chunk_mask = np.concatenate([chunk_mask, np.ones((pad, *chunk_mask.shape[1:]), chunk_mask.dtype)])
-      batch = jax.device_put((jnp.asarray(chunk_x, jnp.float32), jnp.asarray(chunk_mask, jnp.int32)),
-                             self._batch_sharding)
-      out = np.asarray(self._fn(placed, *batch))
-      outputs.append(out[:len(out) - pad])
-    return np.concatenate(outputs) if outputs else np.zeros((0,))
-
-
 # ------------------------------------------------------------------------------------------------
 # Inputs
 
@@ -195,8 +147,6 @@ class BatchRunner:
 def window_offsets(num_samples: int, crop: str, n_crops: int = 1,
                    rng: np.random.Generator | None = None) -> np.ndarray:
   """Start offsets of the 5-s windows of a 500-Hz record of `num_samples` samples (see module doc)."""
-  from hubert_ecg_jax.data.preprocess import WINDOW_SAMPLES, crop_offsets
-
   if crop not in CROP_MODES:
     raise ValueError(f"crop must be one of {CROP_MODES}, found {crop!r}")
   if crop == "cover":
@@ -206,8 +156,6 @@ def window_offsets(num_samples: int, crop: str, n_crops: int = 1,
 
 def record_windows(prepared: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """Prepared record (12, n) and offsets (k,) -> model inputs x, mask, each (k, 6000)."""
-  from hubert_ecg_jax.data.preprocess import crop_window, model_inputs
-
   return model_inputs(np.stack([crop_window(prepared, int(offset)) for offset in offsets]))
 
 
@@ -224,8 +172,6 @@ class FileResult:
 def list_input_files(path: str | pathlib.Path, extensions: Sequence[str] = (".hea", ".npy")
                      ) -> list[pathlib.Path]:
   """A record file, or the record files of a folder (recursive; CODE-15 HDF5 files included)."""
-  from hubert_ecg_jax.data.readers import HDF5_EXTENSIONS, find_hdf5_files, find_records
-
   path = pathlib.Path(path)
   if path.is_file():
     return [path]
@@ -240,8 +186,6 @@ def list_input_files(path: str | pathlib.Path, extensions: Sequence[str] = (".he
 
 def read_file_records(path: pathlib.Path, fs: float | None = None) -> Iterator[Any]:
   """The records of one file (CODE-15 HDF5 files hold many) as `EcgRecord`s."""
-  from hubert_ecg_jax.data.readers import HDF5_EXTENSIONS, read_code15_hdf5, read_record
-
   if path.suffix.lower() in HDF5_EXTENSIONS:
     yield from read_code15_hdf5(path)
   else:
@@ -257,10 +201,6 @@ def run_on_files(runner: BatchRunner, params: Any, files: Sequence[pathlib.Path]
   A record that cannot be read or prepared is passed to `on_error(source, reason)` and skipped
   (without `on_error` the error is raised).
   """
-  from hubert_ecg_jax.progress import progress_bar
-
-  from hubert_ecg_jax.data.preprocess import prepare_record
-
   def prepared_records() -> Iterator[tuple[Any, str, np.ndarray, np.ndarray, np.ndarray]]:
     for index, path in enumerate(progress_bar(files, desc="records", unit="file", disable=not progress)):
       try:
@@ -308,11 +248,6 @@ def run_on_records_dir(runner: BatchRunner, params: Any, directory: str | pathli
                        crop: str = "first", n_crops: int = 1, seed: int = 0,
                        progress: bool = True) -> DirectoryResult:
   """Runs every record of a records directory (`hubert-ecg-jax preprocess` output) through `runner`."""
-  from hubert_ecg_jax.progress import progress_bar
-
-  from hubert_ecg_jax.data.pipeline import PipelineConfig, make_eval_iterator
-  from hubert_ecg_jax.data.records import read_manifest
-
   if crop not in ("first", "tta", "random"):
     raise ValueError(f"records directories take crop 'first', 'tta' or 'random', found {crop!r}")
   manifest = read_manifest(directory)
@@ -335,3 +270,54 @@ def run_on_records_dir(runner: BatchRunner, params: Any, directory: str | pathli
                          outputs=windows.reshape(count, n_crops, *windows.shape[1:]),
                          labels=np.concatenate(labels)[::n_crops],
                          label_names=list(manifest.label_names))
+
+
+def embed_to_file(model: str | pathlib.Path, data: str | pathlib.Path, out: str | pathlib.Path,
+                  layer: int | None = None, pool: str = "mean", crop: str = "first",
+                  crops: int = 2, fs: float | None = None,
+                  extensions: Sequence[str] = (".hea", ".npy"), batch_size: int = 64,
+                  overwrite: bool = False, progress: bool = True,
+                  compute_dtype: str | None = None) -> tuple[tuple[int, ...], int, pathlib.Path]:
+  """Embeddings of a records directory or ECG files to `out` (.npy) and `out.index.csv` (row,
+  record_id, source), both atomically: `hubert-ecg-jax embed`. Returns (shape, layer, index path)."""
+  out = pathlib.Path(out)
+  if out.suffix != ".npy":
+    raise ValueError(f"--out must name a .npy file, found {out}")
+  index_path = out.with_suffix(".index.csv")
+  for path in (out, index_path):
+    if path.exists() and not overwrite:
+      raise FileExistsError(f"{path} already exists: choose another --out or pass --overwrite")
+  if pool == "none" and crop != "first":
+    raise ValueError("--pool none keeps every frame of one window: use it with --crop first")
+  config, backbone = load_backbone(model, compute_dtype)
+  runner = BatchRunner(embedding_fn(config, layer, pool), batch_size)
+  data = pathlib.Path(data)
+  if (data / MANIFEST_NAME).is_file():
+    if crop == "cover":
+      raise ValueError("--crop cover is for ECG files; records directories take first or tta")
+    result = run_on_records_dir(runner, backbone, data, crop, crops, progress=progress)
+    embeddings, ids = result.outputs.mean(axis=1), result.record_ids
+    sources = [str(data)] * len(ids)
+  else:
+    files = list_input_files(data, extensions)
+
+    def on_error(source: str, reason: str) -> None:
+      print(f"skipped {source}: {reason}", file=sys.stderr)
+
+    rows, ids, sources = [], [], []
+    for item in run_on_files(runner, backbone, files, crop, crops, fs,
+                             on_error=on_error if len(files) > 1 else None, progress=progress):
+      rows.append(item.outputs.mean(axis=0))
+      ids.append(item.record_id)
+      sources.append(item.source)
+    if not rows:
+      raise ValueError(f"no record of {data} could be read")
+    embeddings = np.stack(rows)
+  embeddings = embeddings.astype(np.float32)
+  with atomic_path(out) as staging:
+    np.save(staging, embeddings)
+  with atomic_path(index_path) as staging, staging.open("w", newline="") as stream:
+    writer = csv.writer(stream)
+    writer.writerow(["row", "record_id", "source"])
+    writer.writerows([i, record_id, source] for i, (record_id, source) in enumerate(zip(ids, sources)))
+  return embeddings.shape, config.num_hidden_layers if layer is None else layer, index_path

@@ -1,12 +1,6 @@
 """The HuBERT-ECG encoder in Flax Linen, numerically identical to `transformers.HubertModel`.
 
-Data flow for the released models (reference §1.3):
-  x (batch, 6000) -> conv feature encoder -> (batch, 93, 512) -> LayerNorm + Linear -> (batch, 93, H)
-  -> masked frames replaced by `masked_spec_embed` -> + positional conv -> LayerNorm -> dropout
-  -> N post-LN transformer layers -> last_hidden_state (batch, 93, H)
-Pretraining heads: `final_proj_i` (H -> P) and `label_embedding_i` (V_i, P); logits are the cosine
-similarity of the two divided by 0.1, one (batch, 93, V_i) array per codebook.
-"""
+More in docs/modules.md."""
 from __future__ import annotations
 
 from typing import Any

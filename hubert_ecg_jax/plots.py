@@ -16,10 +16,10 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MultipleLocator
 from sklearn.metrics import roc_curve
 
+from hubert_ecg_jax.config import STANDARD_LEADS
 from hubert_ecg_jax.evaluate.metrics import (check_multilabel, defined_label_mask, label_auroc,
                                              label_names_or_default)
 
-STANDARD_LEADS = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
 # The standard 4 x 3 clinical layout: rows of leads; column j shows the j-th quarter of the window.
 CLINICAL_LAYOUT = (("I", "aVR", "V1", "V4"), ("II", "aVL", "V2", "V5"), ("III", "aVF", "V3", "V6"))
 RHYTHM_LEAD = "II"

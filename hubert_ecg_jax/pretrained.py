@@ -1,12 +1,6 @@
 """Released HuBERT-ECG weights in, ours out: `load_pretrained` and `export_hf_directory`.
 
-Accepted inputs:
-- a Hugging Face directory as released: `config.json` + `model.safetensors` or `pytorch_model.bin`;
-- the original's `.pt` training checkpoints (`model_config` is a pickled `HuBERTECGConfig`: it is
-  read with PyTorch's weights-only unpickler, the config class mapped to an inert stand-in; any other
-  pickled class is refused and no code from the file runs);
-- a model directory written by `hubert_ecg_jax.checkpoint.save_model` (what `convert` writes).
-"""
+More in docs/modules.md."""
 from __future__ import annotations
 
 import json
@@ -17,9 +11,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hubert_ecg_jax import checkpoint
+from hubert_ecg_jax import model_dir
 from hubert_ecg_jax.config import HubertECGConfig
 from hubert_ecg_jax.convert import check_params, flax_to_state_dict, state_dict_to_flax
+from hubert_ecg_jax.files import make_parent_folder
+from hubert_ecg_jax.model import HubertECG
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 # Names under which the original's config class may have been pickled (module path varies with
@@ -29,8 +25,6 @@ _CONFIG_CLASS_NAMES = ("HuBERTECGConfig", "HubertECGConfig", "HubertConfig")
 
 def expected_params(config: HubertECGConfig, pretraining_heads: bool = True) -> dict:
   """Shapes of a HubertECG's params for `config` (no computation)."""
-  from hubert_ecg_jax.model import HubertECG
-
   model = HubertECG(config, pretraining_heads=pretraining_heads)
   x = jnp.zeros((1, max(config.min_input_length, 400)), jnp.float32)
   return jax.eval_shape(lambda: model.init({"params": jax.random.key(0)}, x))["params"]
@@ -139,8 +133,8 @@ def load_pretrained_with_heads(path: str | pathlib.Path) -> tuple[HubertECGConfi
   path = pathlib.Path(path)
   if not path.exists():
     raise FileNotFoundError(f"{path} does not exist")
-  if path.is_dir() and checkpoint.is_model_dir(path):
-    config, params, _ = checkpoint.load_model(path)
+  if path.is_dir() and model_dir.is_model_dir(path):
+    config, params, _ = model_dir.load_model(path)
     heads = {}
     if "hubert_ecg" in params:  # a fine-tuned classifier saved by us
       heads = {k: v for k, v in params.items() if k != "hubert_ecg"}
@@ -174,7 +168,7 @@ def export_hf_directory(config: HubertECGConfig, params: dict, directory: str | 
   if directory.exists() and any(directory.iterdir()) and not overwrite:
     raise FileExistsError(f"{directory} exists and is not empty: choose another output or overwrite")
   state_dict = flax_to_state_dict(params, weight_norm=weight_norm)
-  checkpoint.make_parent_folder(directory)
+  make_parent_folder(directory)
   directory.mkdir(exist_ok=True)
   hf_config = config.to_hf_dict()
   hf_config.setdefault("architectures", ["HuBERTECG"])

@@ -10,6 +10,7 @@ import json
 import os
 import pathlib
 import shutil
+from types import SimpleNamespace
 
 import h5py
 import jax
@@ -19,7 +20,7 @@ import pytest
 import wfdb
 
 from hubert_ecg_jax import HubertECG, HubertECGConfig, export_hf_directory, load_pretrained, preprocess_ecg
-from hubert_ecg_jax.checkpoint import load_model, save_model
+from hubert_ecg_jax.model_dir import load_model, save_model
 from hubert_ecg_jax.cli import main
 from hubert_ecg_jax.convert import flax_to_state_dict
 from hubert_ecg_jax.data.preprocess import STANDARD_LEADS, model_inputs, prepare_record
@@ -492,21 +493,24 @@ def test_full_disk_during_a_training_checkpoint(tmp_path, monkeypatch):
     pathlib.Path(f"{path}.json").write_text('{"batc')
     _disk_full()
 
+  def data_position(save_fn=save):
+    return DataPosition(SimpleNamespace(save=save_fn, restore=restore))
+
   state = {"w": jnp.arange(4.0), "b": jnp.ones(3)}
   manager = CheckpointManager(tmp_path / "ckpt")
-  manager.save(1, state, DataPosition((save, restore)))
+  manager.save(1, state, data_position())
   position["batches"] = 7
   with pytest.raises(OSError) as raised:
-    manager.save(2, jax.tree.map(lambda a: a + 1, state), DataPosition((save_then_disk_full, restore)))
+    manager.save(2, jax.tree.map(lambda a: a + 1, state), data_position(save_then_disk_full))
   assert raised.value.errno == errno.ENOSPC
   manager.close()
 
   manager = CheckpointManager(tmp_path / "ckpt")  # as a resumed run sees it
   assert manager.steps == [1] and manager.latest_step == 1
   on_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  _tree_equal(manager.restore(abstract_like(state, on_device), DataPosition((save, restore))), state)
+  _tree_equal(manager.restore(abstract_like(state, on_device), data_position()), state)
   assert position == {"batches": 0}
-  assert manager.save(2, state, DataPosition((save, restore)))
+  assert manager.save(2, state, data_position())
   assert manager.steps == [1, 2] and sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["1", "2"]
   manager.close()
 

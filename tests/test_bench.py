@@ -7,7 +7,7 @@ import pytest
 
 from hubert_ecg_jax.cli import main as cli_main
 from hubert_ecg_jax.config import HubertECGConfig
-from hubert_ecg_jax.flops import forward_flops, peak_flops
+from hubert_ecg_jax.devtools.flops import forward_flops, peak_flops
 
 
 @pytest.mark.parametrize("what", ["forward", "train"])

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -11,11 +12,11 @@ import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from hubert_ecg_jax.checkpoint import load_model
+from hubert_ecg_jax.model_dir import load_model
 from hubert_ecg_jax.config import HubertECGConfig
 from hubert_ecg_jax.train.checkpointing import (CheckpointManager, DataPosition, abstract_like,
-                                                export_model, host_copy)
-from hubert_ecg_jax.train.launchers import PmapLauncher, data_mesh
+                                                export_model)
+from hubert_ecg_jax.parallel import PmapLauncher, data_mesh, host_copy
 from hubert_ecg_jax.train.state import create_train_state
 
 
@@ -105,7 +106,7 @@ def test_tf_data_iterator_position(tmp_path) -> None:
   for _ in range(5):
     next(iterator)
   checkpoint = tf.train.Checkpoint(iterator=iterator)
-  position = DataPosition((lambda path: checkpoint.write(path), lambda path: checkpoint.read(path)))
+  position = DataPosition(SimpleNamespace(save=checkpoint.write, restore=checkpoint.read))
   state = jax.device_put(_state(), NamedSharding(data_mesh(jax.devices()[:1]), P()))
   manager = CheckpointManager(tmp_path)
   manager.save(5, state, position)
@@ -114,7 +115,7 @@ def test_tf_data_iterator_position(tmp_path) -> None:
   resumed = iter(dataset)
   resumed_checkpoint = tf.train.Checkpoint(iterator=resumed)
   manager.restore(abstract_like(_state(), state.step.sharding),
-                  DataPosition((resumed_checkpoint.write, resumed_checkpoint.read)))
+                  DataPosition(SimpleNamespace(save=resumed_checkpoint.write, restore=resumed_checkpoint.read)))
   np.testing.assert_array_equal([next(resumed).numpy() for _ in range(3)], expected)
 
 
@@ -123,8 +124,8 @@ def test_data_position_of_another_process_count_is_skipped_with_a_warning(tmp_pa
   import shutil
 
   restored_into = []
-  position = DataPosition((lambda path: pathlib.Path(path).write_text("p"),
-                           lambda path: restored_into.append(path)))
+  position = DataPosition(SimpleNamespace(save=lambda path: pathlib.Path(path).write_text("p"),
+                                          restore=restored_into.append))
   state = jax.device_put(_state(), NamedSharding(data_mesh(jax.devices()[:1]), P()))
   manager = CheckpointManager(tmp_path)
   manager.save(4, state, position)

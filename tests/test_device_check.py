@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from hubert_ecg_jax.device_check import QUICK_SWEEP, parse_sweep
+from hubert_ecg_jax.devtools.device_check import QUICK_SWEEP, parse_sweep
 
 from conftest import block_imports
 

@@ -11,10 +11,12 @@ import torch
 from hubert_ecg_jax.classifier import HubertECGForClassification
 from hubert_ecg_jax.config import HubertECGConfig
 from hubert_ecg_jax.finetune import freezing, losses
-from hubert_ecg_jax.finetune.step import DataParallelTrainer, make_train_step
+from hubert_ecg_jax.finetune.step import make_train_step
+from hubert_ecg_jax.parallel import make_launcher
 from hubert_ecg_jax.finetune.tasks import Task, task_from_dataset
 from hubert_ecg_jax.train.optimizer import OptimizerConfig, make_optimizer
 from hubert_ecg_jax.train.state import create_train_state
+
 
 
 def test_positive_weights_match_hand_reference():
@@ -165,7 +167,7 @@ def _trainer(model, params, devices, freeze: freezing.FreezeConfig, lr: float = 
   base = make_optimizer(OptimizerConfig(total_steps=10, learning_rate=lr, warmup_fraction=0.0))
   optimizer, mask = freezing.finetune_optimizer(base, params, model.config.num_hidden_layers, freeze)
   step = make_train_step(model, optimizer, "multi_label", np.full(model.num_labels, 2.0, np.float32), mask)
-  trainer = DataParallelTrainer(step, devices)
+  trainer = make_launcher("mesh", step, devices=devices)
   state = trainer.place_state(create_train_state(params, optimizer, jax.random.PRNGKey(1)))
   return trainer, state
 
@@ -180,7 +182,7 @@ def test_step_freezes_bitwise_and_two_devices_give_the_single_device_update(tiny
   for devices in (jax.devices()[:1], jax.devices()[:2]):
     trainer, state = _trainer(model, params, devices, freeze)
     for batch in batches:
-      state, metrics = trainer.step(state, batch)
+      state, metrics = trainer.train_step(state, trainer.place_batch(batch))
     assert float(metrics["finite"]) == 1.0 and int(state.step) == 3
     results.append((float(metrics["loss"]), jax.tree.map(np.asarray, state.params)))
   np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-5)
@@ -234,7 +236,7 @@ def test_from_scratch_model_learns_synthetic_labels_and_resumes_exactly(syntheti
   the very same model."""
   import shutil
 
-  from hubert_ecg_jax.commands.evaluate import evaluate_classifier
+  from hubert_ecg_jax.evaluate.classifier import evaluate_classifier
   from hubert_ecg_jax.experiment import load_config
   from hubert_ecg_jax.finetune.config import settings_from_config
   from hubert_ecg_jax.finetune.loop import BEST_MODEL, finetune

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from hubert_ecg_jax.config import HubertECGConfig
-from hubert_ecg_jax.flops import forward_flops, train_step_flops
-from hubert_ecg_jax.torch_reference import TorchHubertECG, ecg_like_batch
+from hubert_ecg_jax.devtools.flops import forward_flops, train_step_flops
+from hubert_ecg_jax.devtools.torch_reference import TorchHubertECG, ecg_like_batch
 
 CONFIGS = {"tiny": HubertECGConfig.preset("tiny", layerdrop=0.0),
            "tiny_x10": HubertECGConfig.preset("tiny", downsampling="x10", layerdrop=0.0),

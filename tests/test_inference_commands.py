@@ -13,8 +13,8 @@ import pytest
 from matplotlib import image as mpimg
 
 from hubert_ecg_jax import cli
-from hubert_ecg_jax.checkpoint import load_model, save_model
-from hubert_ecg_jax.classifier import HubertECGForClassification
+from hubert_ecg_jax.model_dir import load_model, save_model
+from hubert_ecg_jax.classifier import masked_mean
 from hubert_ecg_jax.config import HubertECGConfig
 from hubert_ecg_jax.model import HubertECG
 from hubert_ecg_jax.data.preprocess import prepare_record, crop_window, model_input
@@ -210,9 +210,13 @@ def test_embed_records_files_and_layers(run, sample_data_dir):
   classifier = load_classifier(run["model"])
   record = read_record(sorted(sample_data_dir.glob("*.hea"))[3])
   x, mask = model_input(crop_window(prepare_record(record.signal, record.fs, record.lead_names), 0))
-  model = HubertECGForClassification(classifier.config, classifier.task.num_outputs)
-  expected = jax.jit(lambda p, x, m: model.apply({"params": p}, x, m, method=HubertECGForClassification.embed))(
-      classifier.params, jnp.asarray(x[None]), jnp.asarray(mask[None]))
+  model = HubertECG(classifier.config, pretraining_heads=False)
+
+  def pooled(p, x, m):
+    out = model.apply({"params": p}, x, m, deterministic=True)
+    return masked_mean(out.last_hidden_state, out.frame_mask)
+
+  expected = jax.jit(pooled)(classifier.params["hubert_ecg"], jnp.asarray(x[None]), jnp.asarray(mask[None]))
   single = run["root"] / "emb" / "one.npy"
   assert cli.main(["embed", str(run["model"]), str(sample_data_dir / f"{record.record_id}.hea"),
                    "--out", str(single), "--quiet"]) == 0

@@ -10,7 +10,7 @@ import sys
 import jax
 import numpy as np
 
-from hubert_ecg_jax.checkpoint import load_model
+from hubert_ecg_jax.model_dir import load_model
 
 RECORDS = 16  # 2 shards of 8: with a global batch of 16 every step sees every record once
 TIMEOUT_S = 180

@@ -8,10 +8,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hubert_ecg_jax.objectives import (masked_prediction_loss, perplexity, prediction_sums,
-                                       pretraining_loss, validation_metrics)
+from hubert_ecg_jax.train.objectives import (perplexity, prediction_sums, pretraining_loss,
+                                             pretraining_metrics, validation_metrics)
 
 VOCABS = (17, 40)
+
+
+def masked_prediction_loss(logits, targets, mask_time_indices, frame_mask, alpha=1.0):
+  """Loss and metrics of one batch on one device, as the train step computes them."""
+  metrics = pretraining_metrics(prediction_sums(logits, targets, mask_time_indices, frame_mask), alpha)
+  return metrics["loss"], metrics
 
 
 def _batch(seed: int = 0, batch: int = 5, frames: int = 93):

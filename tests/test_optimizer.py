@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import get_linear_schedule_with_warmup
 
-from hubert_ecg_jax.train.optimizer import (OptimizerConfig, learning_rate_at, make_optimizer,
+from hubert_ecg_jax.train.optimizer import (OptimizerConfig, make_optimizer,
                                             weight_decay_mask)
 
 
@@ -33,14 +33,14 @@ def test_schedule_matches_transformers(total: int) -> None:
       torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=5e-5), config.warmup_steps, total)
   counts = np.unique(np.linspace(0, total + 2, 300).astype(int))
   expected = np.array([5e-5 * scheduler.lr_lambdas[0](int(c)) for c in counts])
-  got = jax.vmap(lambda c: learning_rate_at(config, c))(jnp.asarray(counts))
+  got = jax.vmap(lambda c: config.schedule()(c))(jnp.asarray(counts))
   np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-13)
 
 
 def test_update_n_uses_the_rate_torch_uses_for_its_nth_step() -> None:
   config = OptimizerConfig(total_steps=25)
   expected = _torch_learning_rates(5e-5, config.warmup_steps, 25)
-  got = [float(learning_rate_at(config, c)) for c in range(len(expected))]
+  got = [float(config.schedule()(c)) for c in range(len(expected))]
   np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-13)
 
 

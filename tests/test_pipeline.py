@@ -72,10 +72,10 @@ def test_restore_mid_epoch_continues_exactly(data, tmp_path, with_targets):
   config = _config(with_targets=with_targets, train_crop="first" if with_targets else "random")
   uninterrupted = P.make_train_iterator(root / "five", config)
   _take(uninterrupted, 3)  # 12 of 23 windows: mid-epoch, with a partly full shuffle buffer
-  prefix = P.save_iterator_state(uninterrupted, tmp_path / "state")
+  prefix = uninterrupted.save(tmp_path / "state")
   expected = _take(uninterrupted, 6)  # crosses into the next epoch
   resumed = P.make_train_iterator(root / "five", config)
-  P.restore_iterator_state(resumed, prefix)
+  resumed.restore(prefix)
   _assert_batches_equal(_take(resumed, 6), expected)
   with pytest.raises(FileNotFoundError, match="no iterator state"):
     resumed.restore(tmp_path / "absent")

@@ -216,7 +216,7 @@ def _kill_and_resume(runs: _Runs, workdir: pathlib.Path, rng: np.random.Generato
 
 
 def test_sigkill_at_random_moments_resumes_to_bitwise_the_same_parameters(tmp_path) -> None:
-  from hubert_ecg_jax.checkpoint import load_model
+  from hubert_ecg_jax.model_dir import load_model
 
   runs = _Runs(tmp_path)
   began = time.monotonic()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from hubert_ecg_jax import cli
-from hubert_ecg_jax.commands import preprocess as command
+from hubert_ecg_jax.data import ingest
 from hubert_ecg_jax.data import records as R
 from hubert_ecg_jax.data.labels import snomed_codes_from_header
 from hubert_ecg_jax.data.preprocess import prepare_record
@@ -34,7 +34,7 @@ def _source_folder(sample_data_dir: pathlib.Path, folder: pathlib.Path) -> pathl
 def clean_run(sample_data_dir, tmp_path_factory):
   root = tmp_path_factory.mktemp("preprocess")
   src = _source_folder(sample_data_dir, root / "src")
-  manifest = command.preprocess_records(src, root / "clean", num_shards=NUM_SHARDS, workers=2,
+  manifest = ingest.preprocess_records(src, root / "clean", num_shards=NUM_SHARDS, workers=2,
                                         show_progress=False)
   return src, root / "clean", manifest
 
@@ -81,7 +81,7 @@ def test_stopped_job_resumes_without_redoing_finished_shards(clean_run, monkeypa
 
   monkeypatch.setattr(R, "write_shard", dying_write_shard)
   with pytest.raises(KeyboardInterrupt):
-    command.preprocess_records(src, out, num_shards=NUM_SHARDS, workers=1, show_progress=False)
+    ingest.preprocess_records(src, out, num_shards=NUM_SHARDS, workers=1, show_progress=False)
   monkeypatch.undo()
   stopped = R.read_manifest(out)
   assert not stopped.complete and len(stopped.shards) == 2
@@ -89,31 +89,31 @@ def test_stopped_job_resumes_without_redoing_finished_shards(clean_run, monkeypa
   assert sorted(p.name for p in out.glob("*.tfrecord")) == sorted(finished)  # no partial shard
   assert "skipped" in capfd.readouterr().err  # bad records are reported on stderr
 
-  manifest = command.preprocess_records(src, out, num_shards=NUM_SHARDS, workers=1, show_progress=False)
+  manifest = ingest.preprocess_records(src, out, num_shards=NUM_SHARDS, workers=1, show_progress=False)
   assert {f: (out / f).stat().st_mtime_ns for f in finished} == finished  # not rewritten
   assert manifest.to_dict() == R.read_manifest(clean).to_dict()
   for shard in manifest.shards:
     assert (out / shard.file).read_bytes() == (clean / shard.file).read_bytes()
-  command.preprocess_records(src, out, num_shards=NUM_SHARDS, workers=1, show_progress=False)
+  ingest.preprocess_records(src, out, num_shards=NUM_SHARDS, workers=1, show_progress=False)
   assert {f: (out / f).stat().st_mtime_ns for f in finished} == finished  # a finished job: nothing to do
 
 
 def test_refuses_other_jobs_and_unusable_out(clean_run, tmp_path, monkeypatch):
   src, clean, _ = clean_run
   with pytest.raises(FileExistsError, match=r"different job \(differs in \['order'\]\)"):
-    command.preprocess_records(src, clean, num_shards=NUM_SHARDS, order="filter_first", workers=1)
+    ingest.preprocess_records(src, clean, num_shards=NUM_SHARDS, order="filter_first", workers=1)
   with pytest.raises(FileExistsError, match=r"differs in \['num_shards'\]"):
-    command.preprocess_records(src, clean, num_shards=3, workers=1)
+    ingest.preprocess_records(src, clean, num_shards=3, workers=1)
   (tmp_path / "file").write_text("")
   with pytest.raises(FileExistsError, match="is not a folder"):
-    command.preprocess_records(src, tmp_path / "file", workers=1)
+    ingest.preprocess_records(src, tmp_path / "file", workers=1)
 
   def read_only(self, data):
     raise PermissionError(13, "Permission denied")
 
   monkeypatch.setattr(pathlib.Path, "write_bytes", read_only)
   with pytest.raises(PermissionError, match="is not writable"):
-    command.preprocess_records(src, tmp_path / "out", workers=1)
+    ingest.preprocess_records(src, tmp_path / "out", workers=1)
 
 
 def test_cli_with_csv_listing_and_labels_csv(sample_data_dir, tmp_path, capsys):
@@ -176,7 +176,7 @@ def test_code15_hdf5_folder_one_record_per_exam(code15_folder, tmp_path):
   labels = tmp_path / "exams.csv"
   labels.write_text("exam_id,age,sex,AF,NORM\n11,40,M,1,0\n13,50,F,0,1\n21,60,M,1,1\n"
                     "22,70,F,0,0\n")
-  manifest = command.preprocess_records(code15_folder, tmp_path / "out", labels_csv=labels,
+  manifest = ingest.preprocess_records(code15_folder, tmp_path / "out", labels_csv=labels,
                                         label_start_index=3, num_shards=2, workers=2,
                                         show_progress=False)
   part0, part1 = code15_folder / "exams_part0.hdf5", code15_folder / "more" / "exams_part1.h5"
@@ -223,11 +223,11 @@ def test_code15_hdf5_refusals(code15_folder, tmp_path):
   tracings = np.ones((2, 4096, 12), np.float32)
   _code15_file(tmp_path / "twice.hdf5", [5, 5], tracings)
   with pytest.raises(ValueError, match=r"record ids must be unique; 1 repeat, e.g. \['twice/5'\]"):
-    command.preprocess_records(tmp_path / "twice.hdf5", tmp_path / "o1", workers=1)
+    ingest.preprocess_records(tmp_path / "twice.hdf5", tmp_path / "o1", workers=1)
   (code15_folder / "exams_part2.hdf5").write_text("exam_id,tracings\n")
   with pytest.raises(ValueError, match=r"exams_part2.hdf5: not a readable HDF5 file"):
-    command.preprocess_records(code15_folder, tmp_path / "o2", workers=1)
+    ingest.preprocess_records(code15_folder, tmp_path / "o2", workers=1)
   with h5py.File(code15_folder / "exams_part2.hdf5", "w") as handle:
     handle["tracings"] = tracings
   with pytest.raises(ValueError, match=r"exams_part2.hdf5: datasets \['exam_id'\] missing"):
-    command.preprocess_records(code15_folder, tmp_path / "o3", workers=1)
+    ingest.preprocess_records(code15_folder, tmp_path / "o3", workers=1)

@@ -249,7 +249,7 @@ def test_multilabel_encoder(tmp_path):
   encoder = MultiLabelEncoder.from_label_sets([("AF", "RBBB"), ("NSR",), ("AF",), ("RARE",)], min_count=1)
   assert encoder.label_names == ("AF", "NSR", "RARE", "RBBB") and encoder.num_labels == 4
   np.testing.assert_array_equal(encoder.encode(["RBBB", "AF"]), [1, 0, 0, 1])
-  np.testing.assert_array_equal(encoder.encode_many([["NSR"], []]), [[0, 1, 0, 0], [0, 0, 0, 0]])
+  np.testing.assert_array_equal([encoder.encode(["NSR"]), encoder.encode([])], [[0, 1, 0, 0], [0, 0, 0, 0]])
   assert encoder.decode(np.array([0.9, 0.1, 0.5, 0.2])) == ("AF", "RARE")
   assert MultiLabelEncoder.from_label_sets([("AF",), ("AF", "X")], min_count=2).label_names == ("AF",)
   with pytest.raises(ValueError, match=r"labels \['LBBB'\] are not among the 4 known labels"):

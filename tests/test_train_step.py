@@ -8,11 +8,11 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from hubert_ecg_jax.config import HubertECGConfig
-from hubert_ecg_jax.masking import sample_span_mask
+from hubert_ecg_jax.train.masking import sample_span_mask
 from hubert_ecg_jax.model import HubertECG
-from hubert_ecg_jax.train.launchers import data_mesh, make_launcher
-from hubert_ecg_jax.train.optimizer import OptimizerConfig, learning_rate_at, make_optimizer
-from hubert_ecg_jax.train.state import init_train_state, next_iteration_params
+from hubert_ecg_jax.parallel import data_mesh, make_launcher
+from hubert_ecg_jax.train.optimizer import OptimizerConfig, make_optimizer
+from hubert_ecg_jax.train.state import create_train_state, init_params, next_iteration_params
 from hubert_ecg_jax.train.step import dropout_key, make_eval_step, make_train_step
 
 BATCH = 16
@@ -38,7 +38,8 @@ def setup():
   config = HubertECGConfig.preset("tiny", num_hidden_layers=1, **NO_DROPOUT)
   optimizer_config = OptimizerConfig(total_steps=10, learning_rate=1e-4, grad_clip_norm=1.0)
   optimizer = make_optimizer(optimizer_config)
-  state = jax.tree.map(np.asarray, init_train_state(config, optimizer, seed=0))
+  init_key, dropout = jax.random.split(jax.random.PRNGKey(0))  # a state from scratch, seed 0
+  state = jax.tree.map(np.asarray, create_train_state(init_params(config, init_key), optimizer, dropout))
   return config, optimizer_config, optimizer, state
 
 
@@ -46,7 +47,7 @@ def _run(setup, kind: str, devices, micro_batches: int, batches):
   config, optimizer_config, optimizer, state = setup
   model = HubertECG(config)
   train_step = make_train_step(model, optimizer, micro_batches=micro_batches,
-                               learning_rate=lambda c: learning_rate_at(optimizer_config, c))
+                               learning_rate=optimizer_config.schedule())
   launcher = make_launcher(kind, train_step, make_eval_step(model), devices)
   state = launcher.place_state(state)
   history = []

@@ -36,12 +36,12 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-  from hubert_ecg_jax.bench_forward import format_table, run_forward_benchmark
+  from hubert_ecg_jax.devtools.bench_forward import format_table, run_forward_benchmark
 
   if args.what == "device":
     import dataclasses
 
-    from hubert_ecg_jax import device_check
+    from hubert_ecg_jax.devtools import device_check
 
     settings = device_check.CheckSettings.quick() if args.quick else device_check.CheckSettings()
     settings = dataclasses.replace(settings, with_torch=not args.no_torch,
@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
   if args.what == "forward":
     result = run_forward_benchmark(args.size, args.batch, args.repeats, with_torch=not args.no_torch)
   else:
-    from hubert_ecg_jax.bench_train import run_train_benchmark
+    from hubert_ecg_jax.devtools.bench_train import run_train_benchmark
     result = run_train_benchmark(args.size, args.batch, repeats=args.repeats,
                                  with_torch=not args.no_torch)
   print(json.dumps(result, indent=2) if args.json else format_table(result, f"bench {args.what}"))

@@ -18,7 +18,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-  from hubert_ecg_jax.checkpoint import save_model
+  from hubert_ecg_jax.model_dir import save_model
   from hubert_ecg_jax.pretrained import load_pretrained_with_heads
 
   config, params, heads = load_pretrained_with_heads(args.src)

@@ -15,11 +15,6 @@ Next to OUT, `OUT.index.csv` gives the record of every row (row, record_id, sour
 from __future__ import annotations
 
 import argparse
-import csv
-import os
-import pathlib
-import sys
-import tempfile
 from typing import Any
 
 from hubert_ecg_jax.commands import add_compute_dtype_argument
@@ -49,71 +44,13 @@ def register(subparsers: Any) -> None:
   p.set_defaults(func=run)
 
 
-def _atomic_write(path: pathlib.Path, write: Any) -> None:
-  """Calls `write(temporary path)`, then renames the temporary file to `path`."""
-  handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-  os.close(handle)
-  try:
-    write(temporary)
-    os.replace(temporary, path)
-  except BaseException:
-    pathlib.Path(temporary).unlink(missing_ok=True)
-    raise
-
-
 def run(args: argparse.Namespace) -> int:
-  import numpy as np
+  from hubert_ecg_jax.inference import embed_to_file
 
-  from hubert_ecg_jax.data.records import MANIFEST_NAME
-  from hubert_ecg_jax.inference import (BatchRunner, embedding_fn, list_input_files, load_backbone,
-                                        run_on_files, run_on_records_dir)
-
-  out = pathlib.Path(args.out)
-  if out.suffix != ".npy":
-    raise ValueError(f"--out must name a .npy file, found {out}")
-  index_path = out.with_suffix(".index.csv")
-  for path in (out, index_path):
-    if path.exists() and not args.overwrite:
-      raise FileExistsError(f"{path} already exists: choose another --out or pass --overwrite")
-  if args.pool == "none" and args.crop != "first":
-    raise ValueError("--pool none keeps every frame of one window: use it with --crop first")
-  config, backbone = load_backbone(args.model, args.compute_dtype)
-  runner = BatchRunner(embedding_fn(config, args.layer, args.pool), args.batch_size)
-  data = pathlib.Path(args.data)
-  if (data / MANIFEST_NAME).is_file():
-    if args.crop == "cover":
-      raise ValueError("--crop cover is for ECG files; records directories take first or tta")
-    result = run_on_records_dir(runner, backbone, data, args.crop, args.crops,
-                                progress=not args.quiet)
-    embeddings, ids = result.outputs.mean(axis=1), result.record_ids
-    sources = [str(data)] * len(ids)
-  else:
-    files = list_input_files(data, [e.strip() for e in args.extensions.split(",") if e.strip()])
-
-    def on_error(source: str, reason: str) -> None:
-      print(f"skipped {source}: {reason}", file=sys.stderr)
-
-    rows, ids, sources = [], [], []
-    for item in run_on_files(runner, backbone, files, args.crop, args.crops, args.fs,
-                             on_error=on_error if len(files) > 1 else None, progress=not args.quiet):
-      rows.append(item.outputs.mean(axis=0))
-      ids.append(item.record_id)
-      sources.append(item.source)
-    if not rows:
-      raise ValueError(f"no record of {data} could be read")
-    embeddings = np.stack(rows)
-  embeddings = embeddings.astype(np.float32)
-  out.absolute().parent.mkdir(parents=True, exist_ok=True)
-  _atomic_write(out, lambda path: np.save(path, embeddings))
-
-  def write_index(path: str) -> None:
-    with open(path, "w", newline="") as stream:
-      writer = csv.writer(stream)
-      writer.writerow(["row", "record_id", "source"])
-      writer.writerows([i, record_id, source] for i, (record_id, source) in enumerate(zip(ids, sources)))
-
-  _atomic_write(index_path, write_index)
-  layer = config.num_hidden_layers if args.layer is None else args.layer
-  print(f"{embeddings.shape[0]} embeddings of shape {embeddings.shape[1:]} (layer {layer}, pool "
-        f"{args.pool}) -> {out}, index {index_path}")
+  shape, layer, index_path = embed_to_file(
+      args.model, args.data, args.out, args.layer, args.pool, args.crop, args.crops, args.fs,
+      [e.strip() for e in args.extensions.split(",") if e.strip()], args.batch_size, args.overwrite,
+      progress=not args.quiet, compute_dtype=args.compute_dtype)
+  print(f"{shape[0]} embeddings of shape {shape[1:]} (layer {layer}, pool "
+        f"{args.pool}) -> {args.out}, index {index_path}")
   return 0

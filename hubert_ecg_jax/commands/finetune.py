@@ -43,7 +43,7 @@ def register(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
   import pathlib
 
-  from hubert_ecg_jax.commands.evaluate import evaluate_classifier
+  from hubert_ecg_jax.evaluate.classifier import evaluate_classifier
   from hubert_ecg_jax.experiment import load_config, split_config_args
   from hubert_ecg_jax.finetune.config import settings_from_config
   from hubert_ecg_jax.finetune.loop import finetune

@@ -31,62 +31,6 @@ def _add_options(p: argparse.ArgumentParser) -> None:
   p.add_argument("--process-id", type=int, default=None, help="multi-host: this process's index")
 
 
-def pretrain_from_config(config: Any, workdir: str) -> Any:
-  """Builds the model, data pipeline and `Pretrainer` from a pre-training ConfigDict and runs it."""
-  import jax
-
-  from hubert_ecg_jax.config import HubertECGConfig
-  from hubert_ecg_jax.data import records
-  from hubert_ecg_jax.data.pipeline import PipelineConfig, make_eval_iterator, make_train_iterator
-  from hubert_ecg_jax.pretrained import load_pretrained
-  from hubert_ecg_jax.train.loop import LoopConfig, Pretrainer
-  from hubert_ecg_jax.train.optimizer import OptimizerConfig
-  from hubert_ecg_jax.train.state import next_iteration_params
-
-  m, d, o, t = config.model, config.data, config.optimizer, config.train
-  if not d.train_dir:
-    raise ValueError("set the training records: --config.data.train_dir=RECORDS (written by `targets`)")
-  manifest = records.read_manifest(d.train_dir)
-  record_vocab = tuple(manifest.targets_info.get("vocab_sizes", ()))
-  if record_vocab and tuple(m.vocab_sizes) != record_vocab:
-    raise ValueError(f"config.model.vocab_sizes is {tuple(m.vocab_sizes)} but the records in "
-                     f"{d.train_dir} have targets with K = {record_vocab}: set "
-                     f"--config.model.vocab_sizes={','.join(map(str, record_vocab))} or use other records")
-  if manifest.target_codebooks not in (0, len(m.vocab_sizes)):  # 0: the pipeline explains
-    raise ValueError(f"the records in {d.train_dir} have {manifest.target_codebooks} target codebooks "
-                     f"but config.model.vocab_sizes has {len(m.vocab_sizes)}: {tuple(m.vocab_sizes)}")
-  model_config = HubertECGConfig.preset(
-      m.size, m.downsampling, vocab_sizes=tuple(m.vocab_sizes), compute_dtype=m.compute_dtype,
-      hidden_dropout=m.dropout, attention_dropout=m.dropout, activation_dropout=m.dropout,
-      layerdrop=m.layerdrop, mask_time_prob=d.mask_prob, mask_time_length=d.mask_span,
-      mask_time_min_masks=d.min_masks)
-  processes = jax.process_count()
-  if d.batch_size % processes:
-    raise ValueError(f"data.batch_size {d.batch_size} does not split over {processes} processes")
-  local_batch = d.batch_size // processes
-  optimizer_config = OptimizerConfig(
-      total_steps=t.total_steps, learning_rate=o.learning_rate, b1=o.b1, b2=o.b2, eps=o.eps,
-      weight_decay=o.weight_decay, decay_all_params=o.decay_all_params,
-      warmup_fraction=o.warmup_fraction, grad_clip_norm=o.grad_clip_norm or None)
-  loop_config = LoopConfig(
-      total_steps=t.total_steps, alpha=t.alpha, micro_batches=t.micro_batches, launcher=t.launcher,
-      seed=t.seed, log_every=t.log_every, val_every=t.val_every,
-      checkpoint_every=t.checkpoint_every, keep_last=t.keep_last, keep_best=t.keep_best,
-      max_nonfinite_streak=t.max_nonfinite_streak, eval_batch_size=local_batch, progress=t.progress)
-  pipeline = PipelineConfig(batch_size=local_batch, seed=d.seed, train_crop="first", eval_crop="first",
-                            with_targets=True, mask_prob=d.mask_prob, mask_span=d.mask_span,
-                            min_masks=d.min_masks, honour_padding=d.honour_padding,
-                            shuffle_buffer=d.shuffle_buffer, model_config=model_config)
-  init_params = None
-  if m.init_from:  # the next iteration: previous backbone and projection, new label embeddings
-    _, previous = load_pretrained(m.init_from)
-    init_params = next_iteration_params(previous, model_config, jax.random.PRNGKey(t.seed))
-  trainer = Pretrainer(model_config, optimizer_config, loop_config)
-  val_batches = (lambda: make_eval_iterator(d.val_dir, pipeline)) if d.val_dir else None
-  return trainer.run(workdir, make_train_iterator(d.train_dir, pipeline), val_batches,
-                     init_params=init_params)
-
-
 def run(args: argparse.Namespace) -> int:
   from hubert_ecg_jax.experiment import load_config, split_config_args
 
@@ -113,7 +57,9 @@ def run(args: argparse.Namespace) -> int:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU hosts; GPUs use NCCL
     jax.distributed.initialize(coordinator_address=args.coordinator,
                                num_processes=args.num_processes, process_id=args.process_id)
-  result = pretrain_from_config(config, args.workdir)
+  from hubert_ecg_jax.train.loop import pretrain
+
+  result = pretrain(config, args.workdir)
   if result.stop_reason == "finished":
     return 0
   if result.stop_reason == "nonfinite":

@@ -195,11 +195,6 @@ class MultiLabelEncoder:
     vector[[index[label] for label in labels if label in index]] = 1.0
     return vector
 
-  def encode_many(self, label_sets: Iterable[Iterable[str]]) -> np.ndarray:
-    """Many label sets -> float32 (N, num_labels)."""
-    rows = [self.encode(labels) for labels in label_sets]
-    return np.stack(rows) if rows else np.zeros((0, len(self.label_names)), np.float32)
-
   def decode(self, vector: np.ndarray, threshold: float = 0.5) -> tuple[str, ...]:
     """Scores or multi-hot (num_labels,) -> names with score >= threshold."""
     vector = np.asarray(vector)

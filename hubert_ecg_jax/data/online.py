@@ -1,12 +1,6 @@
 """Fast online stage for the input pipeline: `model_inputs` at several times the speed of scipy.
 
-`preprocess.model_inputs` is the reference: NaN fill with the window's mean, lead-major flatten,
-`scipy.signal.decimate(x, 5)` (Chebyshev-I order 8 `sosfiltfilt`, odd padding, then every 5th sample)
-and the attention mask. scipy filters one row at a time, a chain of dependent multiply-adds per sample;
-here a numba kernel filters 32 rows at once (one SIMD lane per row), reading the float32 windows and
-writing the decimated float32 output directly, with the same float64 operations in the same order as
-scipy's `sosfilt`, so the result is bit for bit scipy's (the tests check it against `model_inputs`).
-"""
+More in docs/modules.md."""
 from __future__ import annotations
 
 import numba

@@ -1,27 +1,6 @@
 """Streaming tf.data input pipeline over a records directory (see `records`), for training and evaluation.
 
-Training, per host: each epoch `e` shuffles the host's shard files, interleaves them, takes a 5-s
-lead-aligned window of each record (uniform random offset, or the first 5 s), shuffles windows in a
-buffer, and batches (dropping the remainder); epochs follow one another forever. Everything random is
-seeded from (`seed`, `e`, element index), so the same seed gives the same batches, and the iterator
-state (`BatchIterator.save` / `restore`) resumes exactly. Each batch then goes through the online
-stage (`preprocess.model_inputs`, computed bit for bit by `online.fast_model_inputs`: NaN fill,
-lead-major flatten, `decimate(x, 5)`, attention mask) in parallel calls inside tf.data; for pre-training, span masks are sampled there too with
-`masking.sample_span_mask`, from a numpy generator seeded by (`seed`, host, batch index).
-
-Hosts: with at least as many shard files as hosts, host i reads files i, i+n, ...; otherwise every
-host reads every file and keeps records i, i+n, ... of the (identically ordered) stream. Each host
-sees its part of every record exactly once per epoch.
-
-Evaluation: one pass in file order, the first 5 s of each record, or `eval_crops` windows per record
-("tta": evenly spaced offsets as `preprocess.crop_offsets`; "random": seeded random offsets), batches
-of at most `batch_size` (the last may be smaller).
-
-Batches are dicts of numpy arrays: x float32 (B, 6000), attention_mask int32 (B, 6000), labels float32
-(B, L), record_id str (B,), crop_offset int32 (B,) (500-Hz sample where the window starts), in
-evaluation crop_index int32 (B,), and with targets: targets int32 (B, C, 93) and, in training,
-mask_time_indices bool (B, 93).
-"""
+More in docs/modules.md."""
 from __future__ import annotations
 
 import dataclasses
@@ -35,8 +14,9 @@ import numpy as np
 from hubert_ecg_jax.config import HubertECGConfig
 from hubert_ecg_jax.data import records as records_lib
 from hubert_ecg_jax.data.online import fast_model_inputs
-from hubert_ecg_jax.data.preprocess import MODEL_INPUT_LENGTH, WINDOW_SAMPLES
-from hubert_ecg_jax.masking import sample_span_mask
+from hubert_ecg_jax.config import MODEL_INPUT_LENGTH, NUM_LEADS
+from hubert_ecg_jax.data.preprocess import WINDOW_SAMPLES
+from hubert_ecg_jax.train.masking import sample_span_mask
 
 _EPOCH_SEED_STRIDE = 1_000_003
 
@@ -131,14 +111,6 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
     tf.train.Checkpoint(iterator=self._iterator).read(str(path)).assert_consumed()
 
 
-def save_iterator_state(iterator: BatchIterator, path: str | os.PathLike) -> str:
-  return iterator.save(path)
-
-
-def restore_iterator_state(iterator: BatchIterator, path: str | os.PathLike) -> None:
-  iterator.restore(path)
-
-
 def _host_files(directory: str | os.PathLike, config: PipelineConfig
                 ) -> tuple[records_lib.RecordsManifest, list[str], bool]:
   """The manifest, this host's shard files, and whether records (not files) are split between hosts."""
@@ -179,7 +151,7 @@ def _crop(tf: Any, signal: Any, offsets: Any, count: int) -> list[Any]:
   short = tf.maximum(WINDOW_SAMPLES - tf.shape(signal)[1], 0)
   signal = tf.cond(short > 0, lambda: tf.pad(signal, [[0, 0], [0, short]]), lambda: signal)
   return [tf.ensure_shape(tf.slice(signal, tf.stack([0, offsets[i]]), [-1, WINDOW_SAMPLES]),
-                          [records_lib.NUM_LEADS, WINDOW_SAMPLES]) for i in range(count)]
+                          [NUM_LEADS, WINDOW_SAMPLES]) for i in range(count)]
 
 
 def _crop_offsets(tf: Any, num_samples: Any, mode: str, count: int, seed: Any) -> Any:

@@ -1,39 +1,6 @@
 """HuBERT-ECG preprocessing, numerically the original's semantics (reference §4).
 
-Two stages, as in the original:
-
-* offline, `prepare_record`: any-rate (12, n) record in mV -> (12, n500) float32 at 500 Hz,
-  band-passed (FIR 0.05-47 Hz, int(0.3*fs) taps bumped to odd, Hamming, `filtfilt`), FFT
-  resampled (`scipy.signal.resample` to int(n*500/fs) samples) and min-max scaled per lead over the
-  whole record to [-1, 1] with `2*(x-min)/(max-min+1e-8)-1`;
-* online, `model_input` / `model_inputs`: a (12, 2500) 5-s window -> NaN fill with the window's mean,
-  lead-major flatten to 30000 samples, `scipy.signal.decimate(x, 5)` over the flattened vector
-  (the IIR filter crosses lead boundaries, as in the original) -> (6000,) input and attention mask.
-
-Filter/resample order. The original's history has both: from Dec 2024 to Dec 2025 it resampled to
-500 Hz first and filtered at 500 Hz (151 taps); since Dec 2025 (HEAD) it filters at the original rate
-first. The released weights (Nov 2024) predate both versions of the function, and the earlier order is
-the one most likely used for them, so the default here is ``order="resample_first"``;
-``order="filter_first"`` gives HEAD's behaviour. At 500 Hz both orders give the same result.
-
-NaN policy. The original fills NaNs only online; offline, `filtfilt` would spread one NaN over the
-whole lead. So `prepare_record` refuses records that contain NaN by default (``nan_policy="refuse"``,
-a ValueError naming the leads and the count) and, on request, ``nan_policy="interpolate"`` fills each
-lead's NaN samples by linear interpolation in time between its nearest valid samples (held constant
-beyond the first/last valid sample) before filtering; a lead that is entirely NaN is refused either way.
-Infinite values are always refused. The online NaN fill of `model_input` is the original's.
-
-Flat leads. A lead that is constant over the whole record (a lead that was not recorded, as in some
-CinC 2021 records) is kept, as the original keeps it: it scales to -1. A record whose 12 leads are all
-flat holds no ECG and is refused.
-
-Attention mask. The original marks the 100-Hz columns between the first and last column in which any
-lead is non-zero. Here the non-zero test runs on the 500-Hz window before decimation (a column is
-non-zero if any of its 5 samples in any lead is), because decimation's IIR filter smears tiny non-zero
-values into zero padding and would hide it; for real (unpadded) data the mask is all ones either way.
-
-All arithmetic runs in float64; prepared records are stored as float32.
-"""
+More in docs/modules.md."""
 from __future__ import annotations
 
 import re
@@ -43,12 +10,11 @@ from typing import Literal
 import numpy as np
 import scipy.signal
 
-STANDARD_LEADS: tuple[str, ...] = (
-    "I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
+from hubert_ecg_jax.config import MODEL_INPUT_LENGTH, STANDARD_LEADS
+
 TARGET_FS = 500
 MODEL_FS = 100
 WINDOW_SAMPLES = 2500  # 5 s at TARGET_FS
-MODEL_INPUT_LENGTH = 6000  # 12 leads x 5 s x MODEL_FS
 DECIMATION_FACTOR = TARGET_FS // MODEL_FS
 MIN_FS = 100.0
 BANDPASS_HZ = (0.05, 47.0)

@@ -1,24 +1,6 @@
 """Sharded TFRecord storage of preprocessed ECGs: schema, shard writer/reader and manifest.
 
-One `tf.train.Example` per record:
-
-| feature           | type        | content                                                          |
-| ----------------- | ----------- | ---------------------------------------------------------------- |
-| `signal`          | bytes       | float32 little-endian (12, num_samples), 500 Hz, offline-prepared |
-| `num_samples`     | int64       | samples per lead                                                 |
-| `record_id`       | bytes       | unique id of the record (file stem, or `stem/index` in HDF5)     |
-| `source`          | bytes       | path of the file it came from                                    |
-| `source_fs`       | float       | sampling rate of the source file in Hz                           |
-| `labels`          | float list  | multi-hot over the manifest's `label_names` (may be empty)       |
-| `age`             | float       | years, NaN when unknown                                          |
-| `sex`             | int64       | 0 female, 1 male, -1 unknown                                     |
-| `target_codebooks`| int64       | number of codebooks C of `targets` (0: no targets)               |
-| `target_frames`   | int64       | number of frames F of `targets` (0: no targets)                  |
-| `targets`         | bytes       | int32 little-endian (C, F): k-means unit per frame of the first 5 s |
-
-A directory of records holds `records-XXXXX-of-YYYYY.tfrecord` shard files and `manifest.json`
-(see `RecordsManifest`).
-"""
+More in docs/modules.md."""
 from __future__ import annotations
 
 import dataclasses
@@ -26,15 +8,19 @@ import json
 import math
 import os
 import pathlib
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from hubert_ecg_jax.config import NUM_LEADS
+from hubert_ecg_jax.files import atomic_path, write_json_atomic
+from hubert_ecg_jax.progress import progress_bar
+
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "hubert-ecg-jax/records"
 MANIFEST_VERSION = 1
-NUM_LEADS = 12
+RECORDS_PER_SHARD = 512  # streaming writes
 SEX_FEMALE, SEX_MALE, SEX_UNKNOWN = 0, 1, -1
 
 
@@ -217,26 +203,12 @@ def parse_example(serialized: Any, num_labels: int, target_shape: tuple[int, int
 def write_shard(path: str | os.PathLike, serialized_records: Iterable[bytes]) -> int:
   """Writes serialized examples to `path` atomically (temporary file, then rename); returns count."""
   tf = import_tensorflow()
-  path = pathlib.Path(path)
-  temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
   count = 0
-  try:
-    with tf.io.TFRecordWriter(str(temporary)) as writer:
-      for serialized in serialized_records:
-        writer.write(serialized)
-        count += 1
-    os.replace(temporary, path)
-  finally:
-    if temporary.exists():
-      temporary.unlink()
+  with atomic_path(path) as temporary, tf.io.TFRecordWriter(str(temporary)) as writer:
+    for serialized in serialized_records:
+      writer.write(serialized)
+      count += 1
   return count
-
-
-def write_json_atomic(path: str | os.PathLike, data: Mapping[str, Any]) -> None:
-  path = pathlib.Path(path)
-  temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-  temporary.write_text(json.dumps(data, indent=1, sort_keys=False) + "\n")
-  os.replace(temporary, path)
 
 
 def write_manifest(directory: str | os.PathLike, manifest: RecordsManifest) -> None:
@@ -284,41 +256,88 @@ def iterate_records(directory: str | os.PathLike) -> Iterator[StoredRecord]:
 
 
 def write_records(directory: str | os.PathLike, records: Iterable[StoredRecord],
-                  label_names: Iterable[str], num_shards: int = 1,
-                  job: Mapping[str, Any] | None = None) -> RecordsManifest:
-  """Writes in-memory records (e.g. synthetic ones) as a complete records directory.
+                  label_names: Iterable[str], num_shards: int | None = None,
+                  job: Mapping[str, Any] | None = None, failures: Sequence[Mapping[str, str]] = ()
+                  ) -> RecordsManifest:
+  """Writes records (e.g. synthetic or prepared ones) as a complete records directory.
 
-  Records go to shards in contiguous blocks, in the order given; all must have the same number of
-  labels as `label_names` and, if any has targets, all must have targets of one shape.
+  num_shards: contiguous blocks in the order given; None: streaming, `RECORDS_PER_SHARD` records a
+  shard (one shard in memory at a time). All records must have as many labels as `label_names` and
+  targets of one shape or none. `failures` ({"path", "reason"}) are kept in the manifest.
   """
-  directory = pathlib.Path(directory)
-  records = list(records)
+  if num_shards is None:
+    blocks = _chunks(records, RECORDS_PER_SHARD)
+  else:
+    records = list(records)
+    if num_shards < 1 or num_shards > max(len(records), 1):
+      raise ValueError(f"num_shards must be in 1..{max(len(records), 1)}, found {num_shards}")
+    bounds = [len(records) * i // num_shards for i in range(num_shards + 1)]
+    blocks = (records[bounds[i]:bounds[i + 1]] for i in range(num_shards))
   label_names = [str(name) for name in label_names]
-  if num_shards < 1 or num_shards > max(len(records), 1):
-    raise ValueError(f"num_shards must be in 1..{max(len(records), 1)}, found {num_shards}")
-  bad = [r.record_id for r in records if r.labels.shape != (len(label_names),)]
-  if bad:
-    raise ValueError(f"records {bad[:3]} do not have {len(label_names)} labels")
-  target_shapes = {None if r.targets is None else r.targets.shape for r in records}
-  if len(target_shapes) > 1:
-    raise ValueError(f"records must all have targets of one shape or none, found {target_shapes}")
-  codebooks, frames = next(iter(target_shapes), None) or (0, 0)
-  directory.mkdir(parents=True, exist_ok=True)
+
+  def checked(block: Iterable[StoredRecord]) -> Iterator[StoredRecord]:
+    for record in block:
+      if record.labels.shape != (len(label_names),):
+        raise ValueError(f"record {record.record_id!r} does not have {len(label_names)} labels")
+      yield record
+
+  job = dict(job or {"written_by": "records.write_records"})
+  return _write_directory(directory, (checked(block) for block in blocks), None,
+                          RecordsManifest(job, label_names, [], failures=list(failures)))
+
+
+def _chunks(records: Iterable[StoredRecord], size: int) -> Iterator[list[StoredRecord]]:
+  block: list[StoredRecord] = []
+  for record in records:
+    block.append(record)
+    if len(block) == size:
+      yield block
+      block = []
+  if block:
+    yield block
+
+
+def _write_directory(directory: str | os.PathLike, blocks: Iterable[Iterable[StoredRecord]],
+                     names: Sequence[str] | None, manifest: RecordsManifest) -> RecordsManifest:
+  """The one records writer: each block a shard (named `names`, else `shard_file_name`), staged
+  and renamed into place with its manifest, so a failure leaves nothing behind."""
+  directory = pathlib.Path(directory)
   if (directory / MANIFEST_NAME).exists():
     raise FileExistsError(f"{directory} already holds a records manifest; choose an empty directory")
-  shards, rates = [], {}
-  bounds = [len(records) * i // num_shards for i in range(num_shards + 1)]
-  for index in range(num_shards):
-    block = records[bounds[index]:bounds[index + 1]]
-    name = shard_file_name(index, num_shards)
-    shards.append(ShardInfo(name, write_shard(directory / name, map(encode_example, block))))
-    for record in block:
-      rates[f"{record.source_fs:g}"] = rates.get(f"{record.source_fs:g}", 0) + 1
-  manifest = RecordsManifest(
-      job=dict(job or {"written_by": "records.write_records"}), label_names=label_names,
-      shards=shards, num_records=len(records), complete=True, source_sampling_rates=rates,
-      target_codebooks=int(codebooks), target_frames=int(frames))
-  write_manifest(directory, manifest)
+  # Shards without a manifest are an interrupted write of an earlier version: replaced.
+  if directory.exists() and any(not p.match("records-*.tfrecord") for p in directory.iterdir()):
+    raise FileExistsError(f"{directory} holds other files; choose an empty directory")
+  shapes: set[tuple[int, ...] | None] = set()
+  with atomic_path(directory, folder=True) as staging:
+    written = []
+    for index, block in enumerate(blocks):
+
+      def examples(block: Iterable[StoredRecord] = block) -> Iterator[bytes]:
+        for record in block:
+          shape = None if record.targets is None else record.targets.shape
+          if shapes and shape not in shapes:
+            raise ValueError(f"record {record.record_id!r}: targets shape {shape} differs from the "
+                             f"first record's {next(iter(shapes))}")
+          shapes.add(shape)
+          rate = f"{record.source_fs:g}"
+          manifest.source_sampling_rates[rate] = manifest.source_sampling_rates.get(rate, 0) + 1
+          yield encode_example(record)
+
+      name = names[index] if names else f"block-{index}"
+      written.append((name, write_shard(staging / name, examples())))
+    if not written:
+      raise ValueError(f"no record to write to {directory} ({len(manifest.failures)} failed, e.g. "
+                       f"{manifest.failures[:2]})")
+    for index, (name, count) in enumerate(written):
+      if not names:  # the count is known only now
+        name = shard_file_name(index, len(written))
+        os.replace(staging / f"block-{index}", staging / name)
+      manifest.shards.append(ShardInfo(name, count))
+    codebooks, frames = next(iter(shapes)) or (0, 0)
+    manifest.num_records = sum(shard.num_records for shard in manifest.shards)
+    manifest.complete = True
+    manifest.target_codebooks, manifest.target_frames = int(codebooks), int(frames)
+    write_manifest(staging, manifest)
   return manifest
 
 
@@ -331,25 +350,19 @@ def rewrite_with_targets(src_dir: str | os.PathLike, dst_dir: str | os.PathLike,
   """Copies a records directory, adding pretraining targets to every record.
 
   `targets` maps record_id to int (codebooks, frames), or is called with each `StoredRecord`.
-  Every record must get targets of the same shape. Shards are written atomically, keeping the
-  source's shard layout; `targets_info` (e.g. which k-means model) is stored in the manifest.
+  Every record must get targets of the same shape. The copy keeps the source's shard layout;
+  `targets_info` (e.g. which k-means model) is stored in the manifest.
   """
-  from hubert_ecg_jax.progress import progress_bar
-
   src_dir, dst_dir = pathlib.Path(src_dir), pathlib.Path(dst_dir)
   if src_dir.resolve() == dst_dir.resolve():
     raise ValueError(f"rewrite_with_targets needs a destination other than its source {src_dir}")
   manifest = read_manifest(src_dir)
   paths = shard_paths(src_dir, manifest)
-  dst_dir.mkdir(parents=True, exist_ok=True)
-  if (dst_dir / MANIFEST_NAME).exists():
-    raise FileExistsError(f"{dst_dir} already holds a records manifest; choose an empty directory")
   lookup = targets if callable(targets) else None
-  shape: list[tuple[int, int]] = []
   progress = progress_bar(total=manifest.num_records, desc="adding targets", unit="ECG",
                   disable=not show_progress)
 
-  def with_targets(path: pathlib.Path) -> Iterator[bytes]:
+  def with_targets(path: pathlib.Path) -> Iterator[StoredRecord]:
     for serialized in iterate_shard(path):
       record = decode_example(serialized)
       if lookup is not None:
@@ -360,20 +373,11 @@ def rewrite_with_targets(src_dir: str | os.PathLike, dst_dir: str | os.PathLike,
         raise ValueError(f"no targets given for record {record.record_id!r} (from {record.source})")
       record.targets = np.asarray(record_targets)
       record.__post_init__()
-      if not shape:
-        shape.append(record.targets.shape)
-      elif record.targets.shape != shape[0]:
-        raise ValueError(f"record {record.record_id!r}: targets shape {record.targets.shape} differs "
-                         f"from the first record's {shape[0]}")
       progress.update(1)
-      yield encode_example(record)
+      yield record
 
-  for path in paths:
-    write_shard(dst_dir / path.name, with_targets(path))
-  progress.close()
-  codebooks, frames = shape[0] if shape else (0, 0)
-  out = dataclasses.replace(manifest, target_codebooks=int(codebooks), target_frames=int(frames),
-                            targets_info=dict(targets_info or {}))
-  out.job = dict(manifest.job, targets_added_from=str(src_dir))
-  write_manifest(dst_dir, out)
-  return out
+  copy = RecordsManifest(dict(manifest.job, targets_added_from=str(src_dir)), manifest.label_names,
+                         [], preprocessing=manifest.preprocessing, failures=manifest.failures,
+                         targets_info=dict(targets_info or {}))
+  with progress:
+    return _write_directory(dst_dir, map(with_targets, paths), [path.name for path in paths], copy)

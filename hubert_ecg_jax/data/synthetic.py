@@ -1,14 +1,6 @@
 """Synthetic 12-lead ECGs from a cardiac dipole model, with labelled clinical classes.
 
-The heart is a moving dipole d(t) in 3-D body coordinates (x: patient's left, y: inferior, z: anterior).
-Every wave of a beat (P, septal q, the main QRS lobes, terminal S, T, and per class an R', ST injury or
-fibrillatory atrial activity) adds a Gaussian pulse in time along its own 3-D direction. Electrode
-potentials are projections of d(t) (limb electrodes on Einthoven's triangle, chest electrodes V1-V6 on
-the transverse plane); noise and baseline wander are added per electrode, and the 12 leads are formed
-from electrodes as an ECG machine does (I = LA - RA, aVR = RA - (LA+LL)/2, V1 = V1 - Wilson's terminal),
-so Einthoven's and Goldberger's identities hold exactly. Each record draws its own electrical axis,
-amplitudes, heart rate and rate variability; everything is deterministic for a numpy Generator.
-"""
+More in docs/modules.md."""
 from __future__ import annotations
 
 import dataclasses

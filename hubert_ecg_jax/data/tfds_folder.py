@@ -1,17 +1,6 @@
 """A TensorFlow Datasets builder for "a folder of ECG records plus a labels CSV", and the CSV template.
 
-The manual dir holds the records (WFDB `.hea` + `.dat`/`.mat`, `.npy`, `.csv`, any sub-folders) and
-`labels.csv` with columns:
-  record   path of the record file, relative to the manual dir (required, first column)
-  fs       sampling rate in Hz, for `.npy`/`.csv` records (optional column; empty for WFDB records)
-  split    split name such as train / validation / test (optional column; without it all is 'train')
-  ...      one column per label, 0 or 1 (at least one)
-`write_labels_template` (the `labels-template` command) writes that file for a folder, one row per
-record, label columns prefilled from `# Dx:` codes where the headers have them, so a user only fills in
-the labels. Each example: the record preprocessed offline by `prepare_record` (float32 (12, n) at
-500 Hz), labels multi-hot and as class ids (names stored in the features), the record path and its
-original rate.
-"""
+More in docs/modules.md."""
 from __future__ import annotations
 
 import csv

@@ -1,19 +1,6 @@
 """TensorFlow Datasets builder for PTB-XL (v1.0.3): the six label tasks, official strat_fold splits.
 
-Source: a folder the user downloaded, given as TFDS's manual dir (it holds `records500/`,
-`ptbxl_database.csv` and `scp_statements.csv`, or one folder that does); without one, the official
-PhysioNet archive is downloaded and verified. PhysioNet publishes no checksum of the archive itself, so
-verification is: the ZIP's CRC-32 of every member (checked on extraction) and, when the archive carries
-PhysioNet's `SHA256SUMS.txt`, the SHA-256 of every file it lists.
-
-Each example: the record preprocessed offline (`prepare_record`: band-pass, 500 Hz, min-max to [-1, 1])
-as float32 (12, 5000), the task's labels as a multi-hot float32 vector and as class ids whose names
-(sorted label names of the task, from scp_statements.csv) are stored in the features, plus ecg_id, age,
-sex and strat_fold. Splits: folds 1-8 train, 9 validation, 10 test (the benchmark convention).
-
-    builder = PtbXl(config="superdiag", data_dir=...)
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=PTBXL_DIR))
-"""
+More in docs/modules.md."""
 from __future__ import annotations
 
 import csv

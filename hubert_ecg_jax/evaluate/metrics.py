@@ -1,14 +1,6 @@
 """Evaluation metrics: multi-label (the field's headline), multi-class and regression.
 
-Everything scikit-learn computes is taken from scikit-learn (AUROC, average precision, F1,
-recall, confusion matrices, accuracy, MSE, MAE, R2); written here is only what it lacks:
-Fmax, F1-maximising per-label thresholds, specificity, and the bookkeeping of undefined labels.
-
-Undefined labels: a label whose `y_true` column holds a single class (all 0 or all 1) has no
-AUROC, so it is reported as undefined: NaN in every per-label metric (its support is still
-given) and its name in `undefined_labels`. Macro values are means over the defined labels only,
-and the result says how many that is. The same rule applies to classes of a multi-class problem.
-"""
+More in docs/modules.md."""
 from __future__ import annotations
 
 import dataclasses

@@ -1,18 +1,13 @@
 """Fine-tuning settings: the `ConfigDict` the config files start from, and its typed, checked form.
 
-Config files (`configs/finetune_*.py`) call `default_config()` and change what their recipe needs;
-`--config.KEY=VALUE` overrides any entry. Defaults are the original's fine-tuning recipe (reference §3,
-finetune.sh): AdamW lr 1e-5, betas (0.9, 0.98), eps 1e-9, weight decay 0.01 on every parameter, 8%
-linear warmup then linear decay, batch 64, 70k steps, validation every 500 steps with patience 8,
-loss weights on, random aligned 5-s crops, CNN frozen, every block trainable, dropout 0 except
-attention 0.1 and classifier 0.1.
-"""
+More in docs/modules.md."""
 from __future__ import annotations
 
 import dataclasses
 from typing import Any
 
 from ml_collections import ConfigDict
+from ml_collections.config_dict import placeholder
 
 from hubert_ecg_jax.finetune.data import DataConfig
 from hubert_ecg_jax.finetune.freezing import FreezeConfig
@@ -37,7 +32,7 @@ def default_config() -> ConfigDict:
       attention_dropout=0.1,  # untouched by the original's dropout override
       layerdrop=0.0,  # finetune.sh: PTB-XL 0.0 (small), 0.1 (base, large)
       classifier_dropout=0.1,
-      classifier_hidden_size=0,  # 0: a linear head (the paper); n: Linear -> tanh -> Linear
+      classifier_hidden_size=placeholder(int),  # None: a linear head (the paper); n: Linear -> tanh -> Linear
   ))
   config.task = ConfigDict(dict(
       kind="multi_label",  # multi_label (BCE), multi_class (CE), regression (MSE)
@@ -46,19 +41,19 @@ def default_config() -> ConfigDict:
   config.data = ConfigDict(dict(
       source="records",  # records | split_csv | tfds (see hubert_ecg_jax/finetune/data.py)
       train="", val="", test="",
-      records_dir="", label_start_index=3, fs=0.0,
+      records_dir="", label_start_index=3, fs=placeholder(float),
       tfds_name="", tfds_data_dir="", manual_dir="",
-      workers=0,
+      workers=placeholder(int),  # split_csv: processes preparing records; None: all cores
   ))
   config.train = ConfigDict(dict(
       batch_size=64, steps=70_000,
       learning_rate=1e-5, b1=0.9, b2=0.98, eps=1e-9, weight_decay=0.01,
       decay_all_params=True,  # False: no decay on biases, norms, embeddings
-      warmup_fraction=0.08, grad_clip_norm=0.0,  # 0: no clipping (the original)
+      warmup_fraction=0.08, grad_clip_norm=placeholder(float),  # None: no clipping (the original)
       use_loss_weights=True,  # pos_weight / class weights from the training set
       random_crop=True,  # False: the first 5 s of each record
       freeze_feature_encoder=True,
-      trainable_layers=-1,  # the last n blocks train; -1: all
+      trainable_layers=placeholder(int),  # the last n blocks train; None: all
       original_freeze_quirk=False,  # True: pos_conv_embed and encoder.layer_norm stay frozen
       layer_lr_decay=1.0,  # < 1: block i trains at lr * decay ** (L - i)
       eval_every=500, patience=8,  # early stopping after `patience` validations without progress
@@ -66,7 +61,7 @@ def default_config() -> ConfigDict:
       log_every=50, keep_checkpoints=2,
       max_nonfinite_streak=10,
       shuffle_buffer=1024, seed=0,
-      devices=0,  # 0: every local device
+      devices=placeholder(int),  # None: every local device
       progress=True,
   ))
   config.eval = ConfigDict(dict(
@@ -96,6 +91,7 @@ class ModelSettings:
 
 @dataclasses.dataclass(frozen=True)
 class TrainSettings:
+  """`config.train` less the optimizer and freezing entries (see `default_config`)."""
   batch_size: int
   steps: int
   use_loss_weights: bool
@@ -108,17 +104,31 @@ class TrainSettings:
   max_nonfinite_streak: int
   shuffle_buffer: int
   seed: int
-  devices: int
+  devices: int | None
   progress: bool
+
+  def __post_init__(self) -> None:
+    _check_positive(self, "train", ("batch_size", "steps", "eval_every", "patience", "log_every",
+                                    "keep_checkpoints", "max_nonfinite_streak", "shuffle_buffer"))
+    if self.early_stopping_metric not in STOPPING_METRICS:
+      raise ValueError(f"train.early_stopping_metric must be one of {STOPPING_METRICS}, found "
+                       f"{self.early_stopping_metric!r}")
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalSettings:
+  """`config.eval` (see `default_config`)."""
   crop: str
   crops: int
   aggregation: str
   batch_size: int
   n_boot: int
+
+  def __post_init__(self) -> None:
+    if self.aggregation not in ("mean", "max") or self.crop not in ("first", "tta", "random"):
+      raise ValueError(f"eval.crop must be first, tta or random and eval.aggregation mean or max, "
+                       f"found {self.crop!r} and {self.aggregation!r}")
+    _check_positive(self, "eval", ("crops", "batch_size"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,17 +148,23 @@ class FinetuneSettings:
   raw: dict[str, Any]  # the ConfigDict as plain data, saved with the model
 
 
-def _positive(name: str, value: int) -> int:
-  if value < 1:
-    raise ValueError(f"{name} must be at least 1, found {value}")
-  return value
+def _check_positive(settings: Any, section: str, names: tuple[str, ...]) -> None:
+  for name in names:
+    if getattr(settings, name) < 1:
+      raise ValueError(f"{section}.{name} must be at least 1, found {getattr(settings, name)}")
+
+
+def _from_section(cls: type, section: ConfigDict, **changes: Any) -> Any:
+  """The dataclass `cls` from the entries of `section` named as its fields (plus `changes`)."""
+  names = {field.name for field in dataclasses.fields(cls)} - set(changes)
+  return cls(**{name: section[name] for name in names}, **changes)
 
 
 def settings_from_config(config: ConfigDict) -> FinetuneSettings:
   """Checks a fine-tuning ConfigDict and returns its typed form."""
   if config.mode not in MODES:
     raise ValueError(f"mode must be one of {MODES}, found {config.mode!r}")
-  m, t, e, d = config.model, config.train, config.eval, config.data
+  m, t, e = config.model, config.train, config.eval
   if m.init not in MODEL_INITS:
     raise ValueError(f"model.init must be one of {MODEL_INITS}, found {m.init!r}")
   if m.init == "pretrained" and not m.pretrained:
@@ -156,45 +172,23 @@ def settings_from_config(config: ConfigDict) -> FinetuneSettings:
                      "directory, an original .pt or a `convert` output), or train from random "
                      "weights with --config.model.init=scratch")
   check_task(config.task.kind)
-  if t.early_stopping_metric not in STOPPING_METRICS:
-    raise ValueError(f"train.early_stopping_metric must be one of {STOPPING_METRICS}, found "
-                     f"{t.early_stopping_metric!r}")
-  if e.aggregation not in ("mean", "max") or e.crop not in ("first", "tta", "random"):
-    raise ValueError(f"eval.crop must be first, tta or random and eval.aggregation mean or max, "
-                     f"found {e.crop!r} and {e.aggregation!r}")
   if not config.probe.c_values or min(config.probe.c_values) <= 0:
     raise ValueError(f"probe.c_values must be positive, found {config.probe.c_values}")
+  if config.probe.max_iter < 1:
+    raise ValueError(f"probe.max_iter must be at least 1, found {config.probe.max_iter}")
   dropouts = {name: float(m[name]) for name in ("hidden_dropout", "activation_dropout",
                                                 "feat_proj_dropout", "attention_dropout", "layerdrop")}
   model = ModelSettings(m.init, m.pretrained, m.size, m.compute_dtype, dropouts,
-                        float(m.classifier_dropout), m.classifier_hidden_size or None)
-  train = TrainSettings(
-      batch_size=_positive("train.batch_size", t.batch_size), steps=_positive("train.steps", t.steps),
-      use_loss_weights=t.use_loss_weights, random_crop=t.random_crop,
-      eval_every=_positive("train.eval_every", t.eval_every), patience=_positive("train.patience", t.patience),
-      early_stopping_metric=t.early_stopping_metric, log_every=_positive("train.log_every", t.log_every),
-      keep_checkpoints=_positive("train.keep_checkpoints", t.keep_checkpoints),
-      max_nonfinite_streak=_positive("train.max_nonfinite_streak", t.max_nonfinite_streak),
-      shuffle_buffer=_positive("train.shuffle_buffer", t.shuffle_buffer), seed=t.seed,
-      devices=t.devices, progress=t.progress)
-  optimizer = OptimizerConfig(
-      total_steps=t.steps, learning_rate=t.learning_rate, b1=t.b1, b2=t.b2, eps=t.eps,
-      weight_decay=t.weight_decay, decay_all_params=t.decay_all_params,
-      warmup_fraction=t.warmup_fraction, grad_clip_norm=t.grad_clip_norm or None)
-  freeze = FreezeConfig(freeze_feature_encoder=t.freeze_feature_encoder,
-                        trainable_layers=None if t.trainable_layers < 0 else t.trainable_layers,
-                        original_freeze_quirk=t.original_freeze_quirk, layer_lr_decay=t.layer_lr_decay)
-  data = DataConfig(source=d.source, train=d.train, val=d.val, test=d.test, records_dir=d.records_dir,
-                    label_start_index=d.label_start_index, fs=d.fs or None, tfds_name=d.tfds_name,
-                    tfds_data_dir=d.tfds_data_dir, manual_dir=d.manual_dir, workers=d.workers)
-  evaluation = EvalSettings(e.crop, 1 if e.crop == "first" else _positive("eval.crops", e.crops),
-                            e.aggregation, _positive("eval.batch_size", e.batch_size), e.n_boot)
+                        float(m.classifier_dropout), m.classifier_hidden_size)
   return FinetuneSettings(
       mode=config.mode, model=model, task_kind=config.task.kind,
-      task_columns=tuple(c for c in config.task.columns if c), data=data, train=train,
-      optimizer=optimizer, freeze=freeze, eval=evaluation,
+      task_columns=tuple(c for c in config.task.columns if c),
+      data=_from_section(DataConfig, config.data), train=_from_section(TrainSettings, t),
+      optimizer=_from_section(OptimizerConfig, t, total_steps=t.steps),
+      freeze=_from_section(FreezeConfig, t),
+      eval=_from_section(EvalSettings, e, crops=1 if e.crop == "first" else e.crops),
       probe_c_values=tuple(float(c) for c in config.probe.c_values),
-      probe_max_iter=_positive("probe.max_iter", config.probe.max_iter), raw=config.to_dict())
+      probe_max_iter=config.probe.max_iter, raw=config.to_dict())
 
 
 # finetune.sh's PTB-XL layerdrop per model size (patience 8 and validation every 500 steps for all).

@@ -1,41 +1,23 @@
 """The train / val / test data of a fine-tuning run, always as records directories.
 
-Three sources (`DataConfig.source`), all ending as records directories (the format `hubert-ecg-jax
-preprocess` writes, read by the tf.data pipeline):
-
-- "records": `train`, `val`, `test` are records directories, one per split (`preprocess` each split's
-  records into its own directory; labels may differ between them and are matched by name).
-- "split_csv": `train`, `val`, `test` are the original's reproducibility split CSVs (file name,
-  metadata columns, one column per label from `label_start_index`); file names are relative to
-  `records_dir` (as the original's `ecg_dir_path`) unless absolute. Each split is prepared once
-  (`prepare_record`) into `<workdir>/data/<split>` and reused while the CSV and settings are unchanged.
-- "tfds": `train`, `val`, `test` are split names of the TensorFlow Datasets builder `tfds_name`
-  (e.g. "ptb_xl/superdiag" with splits train / validation / test; "ecg_folder" for a folder plus a
-  labels CSV), prepared once by TFDS (from `manual_dir`) and copied into `<workdir>/data/<split>`.
-
-`val` is required (early stopping and thresholds); `test` is optional.
-"""
+More in docs/modules.md."""
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import multiprocessing
 import os
 import pathlib
-import shutil
 import sys
-import tempfile
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
 
-from hubert_ecg_jax.data import records as records_lib
+from hubert_ecg_jax.data import ingest, records as records_lib
+from hubert_ecg_jax.progress import progress_bar
 
 SOURCES = ("records", "split_csv", "tfds")
 SPLITS = ("train", "val", "test")
-RECORDS_PER_SHARD = 512
-_RECORD_SUFFIXES = (".hea", ".npy", ".mat", ".dat", ".csv")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +33,7 @@ class DataConfig:
   tfds_name: str = ""  # tfds: builder/config, e.g. "ptb_xl/superdiag"
   tfds_data_dir: str = ""  # tfds: where TFDS keeps prepared datasets ("" = its default)
   manual_dir: str = ""  # tfds: the downloaded dataset (PTB-XL folder, records + labels.csv)
-  workers: int = 0  # split_csv: processes preparing records (0 = all cores)
+  workers: int | None = None  # split_csv: processes preparing records; None: all cores
 
   def __post_init__(self) -> None:
     if self.source not in SOURCES:
@@ -116,10 +98,6 @@ def read_labels(directory: str | os.PathLike) -> tuple[list[str], np.ndarray, li
 # Writing records directories
 
 
-def _digest(path: pathlib.Path) -> str:
-  return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _reusable(directory: pathlib.Path, job: dict[str, Any]) -> bool:
   """True when `directory` holds a complete records directory written for `job`."""
   if not (directory / records_lib.MANIFEST_NAME).is_file():
@@ -131,80 +109,21 @@ def _reusable(directory: pathlib.Path, job: dict[str, Any]) -> bool:
   return True
 
 
-def write_records_streaming(directory: pathlib.Path, records: Iterable[records_lib.StoredRecord],
-                            label_names: list[str], job: dict[str, Any],
-                            failures: list[dict[str, str]]) -> records_lib.RecordsManifest:
-  """Writes `records` in shards of `RECORDS_PER_SHARD` into a temporary folder, then renames it to
-  `directory` (a crash leaves nothing half-written). Memory holds one shard at a time."""
-  directory.parent.mkdir(parents=True, exist_ok=True)
-  staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-  try:
-    shards: list[records_lib.ShardInfo] = []
-    rates: dict[str, int] = {}
-    block: list[bytes] = []
-
-    def flush() -> None:
-      name = f"records-{len(shards):05d}.tfrecord"
-      shards.append(records_lib.ShardInfo(name, records_lib.write_shard(staging / name, block)))
-      block.clear()
-
-    for record in records:
-      block.append(records_lib.encode_example(record))
-      rates[f"{record.source_fs:g}"] = rates.get(f"{record.source_fs:g}", 0) + 1
-      if len(block) == RECORDS_PER_SHARD:
-        flush()
-    if block:
-      flush()
-    if not shards:
-      raise ValueError(f"no record of {job.get('split', directory.name)} could be prepared "
-                       f"({len(failures)} failed, e.g. {failures[:2]})")
-    manifest = records_lib.RecordsManifest(
-        job=job, label_names=list(label_names), shards=shards,
-        num_records=sum(s.num_records for s in shards), complete=True,
-        source_sampling_rates=rates, failures=failures)
-    records_lib.write_manifest(staging, manifest)
-    os.replace(staging, directory)
-  except BaseException:
-    shutil.rmtree(staging, ignore_errors=True)
-    raise
-  return manifest
-
-
-def _record_id(filename: str) -> str:
-  """'dir/HR00009.hea.npy' -> 'HR00009'."""
-  name = pathlib.PurePath(filename).name
-  while pathlib.PurePath(name).suffix.lower() in _RECORD_SUFFIXES:
-    name = pathlib.PurePath(name).stem
-  return name
-
-
 def materialise_split_csv(csv_path: str | os.PathLike, records_dir: str | os.PathLike,
                           directory: pathlib.Path, label_start_index: int = 3,
-                          fs: float | None = None, workers: int = 0, progress: bool = True
+                          fs: float | None = None, workers: int | None = None, progress: bool = True
                           ) -> pathlib.Path:
   """Prepares the records a split CSV lists (file names relative to `records_dir`) into a records
   directory at `directory`, reused when the CSV and settings are unchanged."""
-  from hubert_ecg_jax.progress import progress_bar
-
-  from hubert_ecg_jax.commands.preprocess import PrepareSettings, RecordSource
-  from hubert_ecg_jax.data.labels import read_split_csv
-
   csv_path = pathlib.Path(csv_path)
-  table = read_split_csv(csv_path, label_start_index=label_start_index)
   records_dir = pathlib.Path(records_dir)
-  job = {"source": "split_csv", "csv": str(csv_path.absolute()), "csv_sha256": _digest(csv_path),
+  job = {"source": "split_csv", "csv": str(csv_path.absolute()), "csv_sha256": ingest.file_digest(csv_path),
          "records_dir": str(records_dir.absolute()), "label_start_index": label_start_index,
          "fs": fs}
   if _reusable(directory, job):
     return directory
-  sources = []
-  for row, filename in enumerate(table.filenames):
-    path = pathlib.Path(filename)
-    metadata = tuple((name, str(values[row])) for name, values in table.metadata.items())
-    sources.append(RecordSource(str(path if path.is_absolute() else records_dir / path),
-                                _record_id(filename), tuple(float(v) for v in table.labels[row]),
-                                metadata))
-  settings = PrepareSettings(fs=fs, label_source="csv")
+  sources, label_names = ingest.csv_sources(csv_path, label_start_index, records_dir)
+  settings = ingest.PrepareSettings(fs=fs, label_source="csv")
   failures: list[dict[str, str]] = []
   workers = workers or os.cpu_count() or 1
 
@@ -220,26 +139,18 @@ def materialise_split_csv(csv_path: str | os.PathLike, records_dir: str | os.Pat
   tasks = [(source, settings) for source in sources]
   if workers > 1 and len(sources) > 1:
     with multiprocessing.get_context("spawn").Pool(workers) as pool:
-      write_records_streaming(directory, prepared(pool.imap(_prepare_task, tasks, chunksize=4)),
-                              list(table.label_names), job, failures)
+      records_lib.write_records(directory, prepared(pool.imap(ingest.prepare_task, tasks, chunksize=4)),
+                                label_names, job=job, failures=failures)
   else:
-    write_records_streaming(directory, prepared(map(_prepare_task, tasks)), list(table.label_names),
-                            job, failures)
+    records_lib.write_records(directory, prepared(map(ingest.prepare_task, tasks)), label_names,
+                              job=job, failures=failures)
   return directory
-
-
-def _prepare_task(task: tuple[Any, Any]) -> Any:
-  from hubert_ecg_jax.commands.preprocess import prepare_source
-
-  return prepare_source(*task)
 
 
 def materialise_tfds_split(config: DataConfig, split: str, directory: pathlib.Path,
                            progress: bool = True) -> pathlib.Path:
   """Copies one split of a TFDS ECG dataset (features `signal` (12, n) at 500 Hz and `labels`, label
   names in the builder's metadata) into a records directory (reused when unchanged)."""
-  from hubert_ecg_jax.progress import progress_bar
-
   import tensorflow_datasets as tfds
 
   import hubert_ecg_jax.data.tfds_folder  # noqa: F401  (registers the builders with TFDS)
@@ -270,5 +181,5 @@ def materialise_tfds_split(config: DataConfig, split: str, directory: pathlib.Pa
           source_fs=float(example.get("source_fs", 500.0)),
           age=float(example.get("age", np.nan)))
 
-  write_records_streaming(directory, stored(), label_names, job, [])
+  records_lib.write_records(directory, stored(), label_names, job=job)
   return directory

@@ -1,28 +1,6 @@
 """Which classifier parameters train, at which learning rate: freezing and layer-wise LR decay.
 
-Params are a `HubertECGForClassification` tree: {"hubert_ecg": backbone, "classifier": ...,
-["classifier_hidden": ...]}. Every leaf belongs to one group:
-
-| group        | leaves                                                      | trainable when            |
-| ------------ | ----------------------------------------------------------- | ------------------------- |
-| conv         | hubert_ecg/feature_extractor (the CNN)                      | not freeze_feature_encoder |
-| projection   | hubert_ecg/feature_projection(_norm)                        | always (as the original)  |
-| mask_embed   | hubert_ecg/masked_spec_embed (unused without masking)       | never                     |
-| encoder_base | hubert_ecg/encoder/pos_conv_embed, encoder/layer_norm       | every block is trainable  |
-| layer i      | hubert_ecg/encoder/layers_i                                 | i >= L - trainable_layers |
-| head         | classifier, classifier_hidden                               | always                    |
-
-`original_freeze_quirk=True` reproduces the original's `set_transformer_blocks_trainable`, which
-freezes the whole encoder and unfreezes the last n blocks, so `pos_conv_embed` and `encoder.layer_norm`
-stay frozen even with every block trainable (reference §3, §7.2). With pre-LN models
-(`do_stable_layer_norm`) encoder/layer_norm is the final norm above the blocks: it trains with the
-last block. `masked_spec_embed` gets no gradient in fine-tuning; PyTorch's AdamW skips such
-parameters, so it is frozen here too (otherwise weight decay would shrink it).
-
-Layer-wise LR decay with factor d scales a leaf's AdamW update (its learning rate, decay term
-included) by d ** depth: depth 0 for the head (and a pre-LN final norm), L - i for block i, and L + 1
-for everything below the blocks. d = 1 (default, as the original) turns it off.
-"""
+More in docs/modules.md."""
 from __future__ import annotations
 
 import dataclasses

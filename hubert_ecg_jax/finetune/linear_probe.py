@@ -1,20 +1,6 @@
 """Linear probe: a frozen backbone, embeddings computed once, a scikit-learn linear head.
 
-Select it with `--config.mode=linear_probe` on any fine-tuning config. The backbone embeds every
-record once (masked mean of the last hidden state over the first 5 s, no dropout; exactly what the
-classifier head sees), features are standardised with the training mean and deviation, and a linear
-model is fitted for each `probe.c_values` entry (inverse L2 strength C):
-
-- multi-label: one `LogisticRegression` per label (a label whose training records are all positive
-  gets a constant head);
-- multi-class: multinomial `LogisticRegression`;
-- regression: `Ridge` with alpha = 1 / C.
-
-`class_weight="balanced"` follows `train.use_loss_weights`. The C with the best validation score
-wins; its head, with the standardisation folded in (kernel = coef / std, bias = intercept - kernel .
-mean), becomes the `classifier` of an ordinary fine-tuned model in `workdir/best_model`, so
-`evaluate`, `predict` and `embed` use it like any other (thresholds tuned on validation).
-"""
+More in docs/modules.md."""
 from __future__ import annotations
 
 import math
@@ -25,13 +11,15 @@ from typing import Any, Callable
 import numpy as np
 
 from hubert_ecg_jax.finetune.config import FinetuneSettings
-from hubert_ecg_jax.inference import (BatchRunner, classifier_logits_fn, embedding_fn,
-                                      run_on_records_dir)
+from hubert_ecg_jax.finetune.run import (BEST_MODEL, FinetuneResult, Prepared, Validation,
+                                         save_classifier, validate)
+from hubert_ecg_jax.inference import classifier_logits_fn, embedding_fn, run_on_records_dir
+from hubert_ecg_jax.parallel import BatchRunner
 
 STD_FLOOR = 1e-6
 
 
-def train_embeddings(runner: BatchRunner, settings: FinetuneSettings, prepared: Any
+def train_embeddings(runner: BatchRunner, settings: FinetuneSettings, prepared: Prepared
                      ) -> tuple[np.ndarray, np.ndarray]:
   """(embeddings (N, hidden) of the first 5 s, targets) of the training split."""
   result = run_on_records_dir(runner, prepared.params["hubert_ecg"], prepared.splits["train"],
@@ -83,12 +71,9 @@ def fold_standardisation(kernel: np.ndarray, bias: np.ndarray, mean: np.ndarray,
   return folded.astype(np.float32), (bias - mean @ folded).astype(np.float32)
 
 
-def linear_probe(settings: FinetuneSettings, prepared: Any, workdir: pathlib.Path,
-                 print_fn: Callable[[str], None]) -> Any:
+def linear_probe(settings: FinetuneSettings, prepared: Prepared, workdir: pathlib.Path,
+                 print_fn: Callable[[str], None]) -> FinetuneResult:
   """Fits the probe (see the module docstring) and saves the best as `workdir/best_model`."""
-  from hubert_ecg_jax.finetune.loop import (BEST_MODEL, FinetuneResult, Validation, save_classifier,
-                                            validate)
-
   embed_runner = BatchRunner(embedding_fn(prepared.config), settings.eval.batch_size)
   train_x, train_y = train_embeddings(embed_runner, settings, prepared)
   mean = train_x.mean(axis=0)

@@ -1,15 +1,6 @@
 """Fine-tuning losses and the loss weights the original computes on the training set.
 
-- Multi-label: `BCEWithLogitsLoss(pos_weight=w)` with w_j = (N - n_j) / (n_j + 1e-9), N the training
-  records and n_j the positives of label j (reference §3). Mean over every (record, label) entry.
-- Multi-class: `CrossEntropyLoss(weight=w)` with w_c = C / n_c for C classes and n_c the training
-  records of class c, *aligned by class index* (the original ordered them by frequency, §7.2).
-  The mean is weighted as torch's: sum_i w_{y_i} nll_i / sum_i w_{y_i}.
-- Regression: mean squared error over every (record, target) entry.
-
-Each loss is given as (numerator, denominator) sums so a data-parallel step can add both over
-devices and divide once: the result is the loss of the whole global batch.
-"""
+More in docs/modules.md."""
 from __future__ import annotations
 
 import jax

@@ -1,16 +1,6 @@
 """What a fine-tuned model predicts, and how dataset label columns become its training targets.
 
-Datasets store a float vector of named label columns per record (records manifest `label_names`,
-split-CSV label columns). A `Task` maps those columns onto the model's outputs:
-
-- multi_label: one output per label column (0/1), matched by name.
-- multi_class: one column holding the class index 0..C-1 (as the original's SaMi-Trop CSVs; classes
-  are named "<column>=<k>"), or one-hot columns (one per class, exactly one 1 per record).
-- regression: one output per target column.
-
-Columns a model knows but a dataset lacks are refused, except for multi-label evaluation, where a
-missing label is all-negative (and reported as undefined by the metrics).
-"""
+More in docs/modules.md."""
 from __future__ import annotations
 
 import dataclasses

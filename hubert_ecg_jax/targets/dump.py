@@ -1,14 +1,6 @@
 """Frame features of every record, dumped per shard; k-means units written back into the records.
 
-Iteration 1 uses hand-made frame features (`features.frame_features`); iteration n uses the hidden
-states of one encoder layer of the previous iteration's model. Either way the input is the first
-5-s window of each record (where pre-training targets live), prepared by `preprocess.model_inputs`.
-
-Layout of a features directory: for every records shard `NAME.tfrecord`, `NAME.npy` (records, frames,
-dim) float32 and `NAME.ids.json` (the record ids in the same order), plus `features.json` saying
-what the features are. Each shard is written atomically and skipped when it already exists, so a
-stopped dump resumes where it stopped.
-"""
+More in docs/modules.md."""
 from __future__ import annotations
 
 import json
@@ -17,11 +9,18 @@ import pathlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from hubert_ecg_jax.data import records as records_lib
 from hubert_ecg_jax.data.preprocess import crop_window, model_inputs
+from hubert_ecg_jax.files import atomic_path, write_json_atomic
+from hubert_ecg_jax.model import HubertECG
+from hubert_ecg_jax.pretrained import load_pretrained
 from hubert_ecg_jax.progress import progress_bar
+from hubert_ecg_jax.targets.features import FEATURE_SETS, frame_features
+from hubert_ecg_jax.targets.kmeans import KMeansModel
 
 FEATURES_MANIFEST = "features.json"
 FrameFeatureFn = Callable[[np.ndarray, np.ndarray], np.ndarray]  # x, attention_mask -> (b, frames, d)
@@ -29,7 +28,6 @@ FrameFeatureFn = Callable[[np.ndarray, np.ndarray], np.ndarray]  # x, attention_
 
 def handmade_features(feature_set: str) -> tuple[FrameFeatureFn, dict[str, Any]]:
   """Iteration-1 features: "stats" (16), "mfcc" (39) or "mixed" (29) per frame."""
-  from hubert_ecg_jax.targets.features import FEATURE_SETS, frame_features
   if feature_set not in FEATURE_SETS:
     raise ValueError(f"feature set must be one of {FEATURE_SETS}, found {feature_set!r}")
   return (lambda x, mask: frame_features(x, feature_set)), {"kind": "handmade",
@@ -41,12 +39,6 @@ def hidden_state_features(model_path: str | os.PathLike, layer: int,
                           ) -> tuple[FrameFeatureFn, dict[str, Any]]:
   """Iteration-n features: `hidden_states[layer]` of a model (0 = encoder input, L = last layer),
   computed in `compute_dtype` (None: the model config's)."""
-  import jax
-  import jax.numpy as jnp
-
-  from hubert_ecg_jax.model import HubertECG
-  from hubert_ecg_jax.pretrained import load_pretrained
-
   config, params = load_pretrained(model_path, compute_dtype)
   if not 0 <= layer <= config.num_hidden_layers:
     raise ValueError(f"layer must be in 0..{config.num_hidden_layers} for this "
@@ -102,7 +94,7 @@ def dump_features(records_dir: str | os.PathLike, out_dir: str | os.PathLike,
     if previous.get("source") != description or previous.get("records_dir") != summary["records_dir"]:
       raise FileExistsError(f"{out_dir} holds features of another job ({previous.get('source')} of "
                             f"{previous.get('records_dir')}): choose an empty directory")
-  records_lib.write_json_atomic(manifest_path, summary)
+  write_json_atomic(manifest_path, summary)
   progress = progress_bar(total=manifest.num_records, desc="features", unit="ECG", disable=not show_progress)
   for shard in records_lib.shard_paths(records_dir, manifest):
     array_path, ids_path = out_dir / f"{shard.stem}.npy", out_dir / f"{shard.stem}.ids.json"
@@ -118,14 +110,13 @@ def dump_features(records_dir: str | os.PathLike, out_dir: str | os.PathLike,
       parts.append(values.astype(np.float32))
       shard_ids.extend(ids)
       progress.update(len(ids))
-    tmp = array_path.with_suffix(".tmp.npy")
-    np.save(tmp, np.concatenate(parts) if parts else np.zeros((0, 0, 0), np.float32))
-    os.replace(tmp, array_path)
-    records_lib.write_json_atomic(ids_path, shard_ids)
+    with atomic_path(array_path) as staging:
+      np.save(staging, np.concatenate(parts) if parts else np.zeros((0, 0, 0), np.float32))
+    write_json_atomic(ids_path, shard_ids)
   progress.close()
   dims = {np.load(p, mmap_mode="r").shape[-1] for p in out_dir.glob("*.npy")}
   summary["dim"] = int(dims.pop()) if len(dims) == 1 else None
-  records_lib.write_json_atomic(manifest_path, summary)
+  write_json_atomic(manifest_path, summary)
   return summary
 
 
@@ -134,7 +125,7 @@ def feature_files(features_dir: str | os.PathLike) -> list[pathlib.Path]:
   if not (features_dir / FEATURES_MANIFEST).is_file():
     raise FileNotFoundError(f"{features_dir} is not a features directory (no {FEATURES_MANIFEST}); "
                             "write one with `hubert-ecg-jax features`")
-  return sorted(p for p in features_dir.glob("*.npy") if not p.name.endswith(".tmp.npy"))
+  return sorted(p for p in features_dir.glob("*.npy") if not p.name.startswith("."))  # no staging
 
 
 def assign_units(features_dir: str | os.PathLike, models: Sequence[Any]) -> dict[str, np.ndarray]:
@@ -161,7 +152,6 @@ def write_targets(records_dir: str | os.PathLike, features_dir: str | os.PathLik
 
   One codebook per k-means model; the manifest's `targets_info["vocab_sizes"]` gives their K.
   """
-  from hubert_ecg_jax.targets.kmeans import KMeansModel
 
   models = [KMeansModel.load(path) for path in kmeans_paths]
   units = assign_units(features_dir, models)

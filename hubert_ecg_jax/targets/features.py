@@ -1,54 +1,17 @@
 """Iteration-1 frame features, aligned exactly with the encoder frames of the model input.
 
-Alignment
----------
-The model input is the lead-major vector of 12 leads x 500 samples at 100 Hz (6000 samples;
-lead `l` occupies samples `[500 l, 500 l + 500)`). The conv feature encoder (kernels 10, 3, 3, 2, 2;
-strides 4, 2, 2, 2, 2; VALID) has a total stride of 64 and a receptive field of 82 samples: encoder
-frame `t` sees exactly the input samples `[64 t, 64 t + 82)`, and a frame exists when that window fits,
-so an input of `L` samples has `(L - 82) // 64 + 1` frames (93 for 6000, 187 for 12000). The features
-of frame `t` are computed from exactly that window of the model input, so features and frames are
-aligned by construction. Consecutive windows overlap by 18 samples; windows straddle lead junctions
-where the model's frames do (frame 7, samples 448-529, holds the end of lead I and the start of II).
-
-How the original differs (its `dumping.py`, reference section 2.1)
-- It decimates each lead separately (12, 2500) -> (12, 500), so its anti-alias filter never crosses
-  lead boundaries, whereas the model input is decimated after flattening.
-- It trims 2 samples at both ends of every lead (12 x 496 = 5952) and cuts 93 shards of 64 samples.
-  Shard `t` therefore starts at model-input sample `64 t + 2 + 4 l` (`l` = the lead its first sample
-  belongs to, `l = 64 t // 496`), up to 46 samples late for lead 11, and covers 64 samples instead of
-  the 82 the frame sees: the alignment is approximate.
-- Its 39 "MFCC" values use one analysis frame per shard, so the deltas and delta-deltas are
-  identically zero. Here deltas are taken across the frames of the same record (below).
-
-Feature sets (`frame_features(x, feature_set)` -> `(batch, frames, dim)`)
-- "stats" (16): per window `w` of `n = 82` samples, in this order:
-  min, max, mean `m = sum(w) / n`, rms `sqrt(power)`, var `mean((w - m)^2)` (population), std
-  `sqrt(var)`, power `mean(w^2)`, peak `max|w|`, peak-to-peak `max - min`, crest factor `peak / rms`,
-  skewness `mean((w - m)^3) / var^1.5` and kurtosis `mean((w - m)^4) / var^2 - 3` (the biased,
-  Fisher definitions of `scipy.stats.skew` / `kurtosis`), then over the two-sided periodogram
-  `P_k = |sum_j w_j exp(-2 pi i j k / n)|^2 / n`, `k = 0..n-1` (no window, no detrending): its max,
-  sum, mean and population variance. As in the original's list some values are redundant (Parseval:
-  `fft_power_sum = n * power`, `fft_power_mean = power`).
-- "mfcc" (39): 13 MFCCs per window (see `MfccConfig`), then their deltas and delta-deltas across the
-  record's frames: `d_t = sum_{j=1..N} j (c_{t+j} - c_{t-j}) / (2 sum_{j=1..N} j^2)` with `N = 2`
-  and the first/last frame repeated at the edges (the regression of HTK / Kaldi / torchaudio).
-- "mixed" (29): the 16 statistics followed by the 13 MFCCs (no deltas), as in the original.
-
-Flat-signal guard: a window whose standard deviation is at most `FLAT_STD` (1e-8; model inputs are
-scaled to about [-1, 1], where float32 resolves about 6e-8) has skewness 0 and kurtosis 0; a window of
-zeros (rms 0) has crest factor 1, the value of every constant window; MFCC filterbank energies are
-clamped at `MfccConfig.log_floor` before the log. No output is ever NaN or infinite for finite input.
-Computation is vectorised numpy in float64; outputs are float32.
-"""
+More in docs/modules.md."""
 from __future__ import annotations
 
 import dataclasses
 
 import numpy as np
 
-FRAME_HOP = 64  # total stride of the conv feature encoder
-FRAME_WIDTH = 82  # receptive field of one encoder frame, in input samples
+from hubert_ecg_jax.config import HubertECGConfig
+
+_RELEASED = HubertECGConfig.preset("small")  # the released conv feature encoder ("x5")
+FRAME_HOP = _RELEASED.frame_hop  # total stride of the conv feature encoder: 64
+FRAME_WIDTH = _RELEASED.receptive_field  # input samples one encoder frame sees: 82
 FLAT_STD = 1e-8  # windows with std <= this have skewness and kurtosis 0
 STAT_NAMES: tuple[str, ...] = (
     "min", "max", "mean", "rms", "var", "std", "power", "peak", "peak_to_peak", "crest_factor",

@@ -1,34 +1,6 @@
 """k-means in JAX for pre-training targets: k-means++ on a sample, mini-batch updates, Lloyd passes.
 
-Data come from a `VectorSource`, a callable returning a fresh iterable of `(rows, dim)` chunks, so
-millions of vectors are streamed from disk (`npy_source`) and never held in memory at once
-(`array_source` wraps an in-memory array). Every pass re-cuts the stream into blocks of a fixed
-number of rows (the last block zero-padded and masked), so the result depends only on the sequence
-of vectors, never on how a source chunks it: an iterator fit equals an in-memory fit bit for bit.
-
-Fitting (`fit_kmeans`):
-1. One scan counts the vectors and rejects non-finite values or inconsistent widths.
-2. k-means++ (greedy, `2 + ln K` candidates per step as scikit-learn) on `init_sample` vectors drawn
-   uniformly without replacement; with `n_init > 1` the seeding with the lowest potential on the
-   sample is kept.
-3. `minibatch_epochs` passes of Sculley's mini-batch k-means in its batch form: each centre keeps a
-   count of the vectors ever assigned to it and moves to their running mean,
-   `c += (sum_batch - n_batch c) / (count + n_batch)`. Batches are consecutive vectors of the
-   stream, so shuffle ordered data first (`npy_source(..., shuffle_seed=...)`).
-4. Lloyd passes: assign every vector, move each centre to the mean of its vectors, until the
-   relative SSE improvement is at most `tol` or `lloyd_iters` updates were made. The returned
-   centres are the ones whose SSE and counts were measured last (never an unmeasured update).
-   Empty clusters: a centre that received no vector in a pass is re-seeded, in order, with the
-   vectors farthest from their nearest centre in that pass (the top-K distances are tracked over
-   all blocks), so no centre stays empty. Mini-batch centres that no vector reached keep their
-   k-means++ position (a data vector); the following Lloyd pass re-seeds them if still empty.
-
-L2 row normalisation (`normalize=True`) is stored in the model and applied inside `predict`,
-`inertia` and every fitting step alike, which fixes the original's mismatch (it normalised at fit
-and not at predict). A zero row stays zero, as with scikit-learn's `Normalizer`. SSE (inertia) is
-measured on the vectors the model clusters, i.e. after normalisation when it is on. Distances use
-`|x|^2 - 2 x.c + |c|^2` with float32 inputs and `Precision.HIGHEST` matrix products.
-"""
+More in docs/modules.md."""
 from __future__ import annotations
 
 import dataclasses

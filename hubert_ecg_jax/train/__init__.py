@@ -1,1 +1,2 @@
-"""Pre-training: optimizer, train state, the per-device step, launchers, checkpoints and the loop."""
+"""Training: the engine (resume, checkpoints, signals, non-finite stop), optimizer, train state, the
+per-device step and its update tail, and pre-training (masking, objectives, the job)."""

@@ -1,13 +1,6 @@
 """Training checkpoints with Orbax (v1 `training.Checkpointer`): state + data position, atomic.
 
-A checkpoint is one step directory holding two checkpointables: `state` (the `TrainState`,
-replicated arrays) and `data` (the input iterator's position, one file set per process). Orbax
-writes to a temporary directory and renames it when complete, so a crash never leaves a half
-checkpoint. Kept: the last `keep_last` checkpoints and the `keep_best` ones with the lowest
-validation loss. Restoring goes into abstract arrays built for the *current* devices, so a run
-saved on 8 devices resumes on 1 and the other way round. A latest checkpoint that cannot be read
-(damaged after it was written) is skipped with a warning for the next older one.
-"""
+More in docs/modules.md."""
 from __future__ import annotations
 
 import os
@@ -19,9 +12,12 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Sharding
+from orbax.checkpoint import v1 as ocp
 
-from hubert_ecg_jax.checkpoint import PARAMS_DIR, save_model, write_config_and_metadata
+from hubert_ecg_jax.model_dir import PARAMS_DIR, save_model, write_config_and_metadata
+from hubert_ecg_jax.parallel import host_copy
 from hubert_ecg_jax.config import HubertECGConfig
 
 STATE = "state"
@@ -32,19 +28,16 @@ BEST_METRIC = "val_loss"
 class DataPosition:
   """The input iterator's position, saved and restored with a checkpoint.
 
-  Wraps either an object with `save(path)` / `restore(path)` methods or a `(save, restore)` pair
-  of callables; `path` is a file prefix (what `tf.train.Checkpoint(iterator=it).write/read`
-  take). Each process saves its own position. Implements Orbax's `StatefulCheckpointable`.
+  Wraps an object with `save(path)` / `restore(path)` methods; `path` is a file prefix (what
+  `tf.train.Checkpoint(iterator=it).write/read` take). Each process saves its own position.
+  Implements Orbax's `StatefulCheckpointable`.
   """
 
   def __init__(self, source: Any):
-    if isinstance(source, tuple) and len(source) == 2 and all(map(callable, source)):
-      self._save, self._restore = source
-    elif callable(getattr(source, "save", None)) and callable(getattr(source, "restore", None)):
-      self._save, self._restore = source.save, source.restore
-    else:
+    if not (callable(getattr(source, "save", None)) and callable(getattr(source, "restore", None))):
       raise ValueError("the data position must be an object with save(path) and restore(path) "
-                       f"methods or a (save, restore) pair of callables, found {type(source).__name__}")
+                       f"methods, found {type(source).__name__}")
+    self._save, self._restore = source.save, source.restore
 
   @staticmethod
   def _name() -> str:
@@ -89,8 +82,6 @@ class CheckpointManager:
   """Periodic checkpoints of a training run under `directory`, keep-last-N plus best-by-val-loss."""
 
   def __init__(self, directory: str | pathlib.Path, keep_last: int = 3, keep_best: int = 1):
-    from orbax.checkpoint import v1 as ocp
-
     if keep_last < 1:
       raise ValueError(f"keep_last must be >= 1 (the latest checkpoint is needed to resume), "
                        f"got {keep_last}")
@@ -197,14 +188,9 @@ class CheckpointManager:
     self._checkpointer.close()
 
 
-def host_copy(tree: Any) -> Any:
-  """Replicated arrays as numpy, from this process's first copy (works on every host)."""
-  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
-
-
 def export_model(directory: str | pathlib.Path, config: HubertECGConfig, params: Any,
                  metadata: dict[str, Any] | None = None) -> pathlib.Path | None:
-  """Writes the params as a finished model (the format of `checkpoint.save_model`) for fine-tuning.
+  """Writes the params as a finished model (the format of `model_dir.save_model`) for fine-tuning.
 
   Every process must call it. On one process this is `save_model`; on several, all take part in
   the Orbax save of the params (Orbax synchronises them) and process 0 writes the config and
@@ -213,9 +199,6 @@ def export_model(directory: str | pathlib.Path, config: HubertECGConfig, params:
   host_params = host_copy(params)
   if jax.process_count() == 1:
     return save_model(directory, config, host_params, metadata=metadata, overwrite=True)
-  from jax.experimental import multihost_utils
-  from orbax.checkpoint import v1 as ocp
-
   directory = pathlib.Path(directory).absolute()
   staging = directory.parent / f".{directory.name}.export"  # the same path on every process
   primary = jax.process_index() == 0

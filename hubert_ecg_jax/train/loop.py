@@ -1,43 +1,30 @@
-"""The pre-training loop: resume, step, log, validate, checkpoint, stop gracefully, export.
+"""Pre-training: the masked-prediction job the training engine runs (see `engine.py`).
 
-`Pretrainer.run` takes an iterator of process-local numpy batches (the data pipeline's, or any with
-the same keys; see `step.py`) and trains until `total_steps`:
-
-  1. resume from the latest checkpoint under `workdir/checkpoints` (state and data position), or
-     start from fresh parameters (or `init_params`, e.g. the next iteration's);
-  2. each step: check the batch on the host, place it on the devices, run the jitted step;
-  3. every `log_every` steps: metrics to stdout and TensorBoard (`workdir/tensorboard`);
-  4. every `val_every` steps and at the end: validation, then a checkpoint carrying the val loss;
-     every `checkpoint_every` steps: a checkpoint;
-  5. on SIGTERM or SIGINT (to any process): finish the step, checkpoint, return (a second Ctrl-C
-     interrupts at once);
-     after `max_nonfinite_streak` non-finite steps in a row: checkpoint, stop with a message;
-  6. at the end: export the final params to `workdir/model` (and the best by validation loss to
-     `workdir/model_best`) as model directories for fine-tuning.
-"""
+More in docs/modules.md."""
 from __future__ import annotations
 
 import dataclasses
 import pathlib
-import signal
-import threading
-import time
 from typing import Any, Callable, Iterable, Iterator
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
+from ml_collections import ConfigDict
 from tqdm import tqdm
 
-from hubert_ecg_jax.config import HubertECGConfig
+from hubert_ecg_jax.config import MODEL_INPUT_LENGTH, HubertECGConfig
+from hubert_ecg_jax.data.pipeline import PipelineConfig, make_eval_iterator, make_train_iterator
+from hubert_ecg_jax.data.records import read_manifest
 from hubert_ecg_jax.model import HubertECG
-from hubert_ecg_jax.objectives import validation_metrics
-from hubert_ecg_jax.progress import progress_bar
-from hubert_ecg_jax.train.checkpointing import (CheckpointManager, DataPosition, abstract_like,
-                                                export_model, host_copy)
-from hubert_ecg_jax.train.launchers import make_launcher
-from hubert_ecg_jax.train.logging import MetricsWriter
-from hubert_ecg_jax.train.optimizer import OptimizerConfig, linear_warmup_decay, make_optimizer
-from hubert_ecg_jax.train.state import ECG_SAMPLES, TrainState, create_train_state, init_params
+from hubert_ecg_jax.parallel import make_launcher
+from hubert_ecg_jax.pretrained import load_pretrained
+from hubert_ecg_jax.train.checkpointing import CheckpointManager, DataPosition, export_model
+from hubert_ecg_jax.train.engine import Engine, Job, RunConfig
+from hubert_ecg_jax.train.objectives import validation_metrics
+from hubert_ecg_jax.train.optimizer import OptimizerConfig, make_optimizer
+from hubert_ecg_jax.train.state import (TrainState, create_train_state, init_params,
+                                        next_iteration_params)
 from hubert_ecg_jax.train.step import make_eval_step, make_train_step
 
 TRAIN_KEYS = ("x", "attention_mask", "targets", "mask_time_indices")
@@ -45,29 +32,18 @@ EVAL_KEYS = ("x", "attention_mask", "targets")
 
 
 @dataclasses.dataclass(frozen=True)
-class LoopConfig:
-  """How long to train and how often to log, validate and checkpoint."""
-  total_steps: int
+class LoopConfig(RunConfig):
+  """The engine's schedule plus what the pre-training step and state need."""
   alpha: float = 1.0  # weight of the masked-frame loss (the original: 1, masked frames only)
   micro_batches: int = 1  # gradient accumulation inside the step
   launcher: str = "mesh"  # "mesh" (jit + shard_map) or "pmap"
   seed: int = 42  # parameter init and dropout
-  log_every: int = 100
-  val_every: int = 4000  # 0: validate only at the end
-  checkpoint_every: int = 1000
-  keep_last: int = 3
-  keep_best: int = 1
-  max_nonfinite_streak: int = 10
   eval_batch_size: int | None = None  # per process; None: the first validation batch's size
-  progress: bool = True
 
   def __post_init__(self) -> None:
-    for name in ("total_steps", "micro_batches", "log_every", "checkpoint_every",
-                 "max_nonfinite_streak"):
-      if getattr(self, name) < 1:
-        raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-    if self.val_every < 0:
-      raise ValueError(f"val_every must be >= 0, got {self.val_every}")
+    super().__post_init__()
+    if self.micro_batches < 1:
+      raise ValueError(f"micro_batches must be >= 1, got {self.micro_batches}")
     if not 0.0 <= self.alpha <= 1.0:
       raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
 
@@ -81,30 +57,7 @@ class TrainResult:
   model_dir: pathlib.Path | None  # the exported final model (when finished)
 
 
-class StopSignals:
-  """Turns the first SIGTERM or SIGINT into a stop request; a second SIGINT interrupts at once."""
-
-  def __init__(self):
-    self.received: str | None = None
-    self._previous: dict[int, Any] = {}
-
-  def _handle(self, signum: int, frame: Any) -> None:
-    if self.received is not None and signum == signal.SIGINT:
-      raise KeyboardInterrupt
-    self.received = signal.Signals(signum).name
-
-  def __enter__(self) -> StopSignals:
-    if threading.current_thread() is threading.main_thread():
-      for signum in (signal.SIGTERM, signal.SIGINT):
-        self._previous[signum] = signal.signal(signum, self._handle)
-    return self
-
-  def __exit__(self, *exc: Any) -> None:
-    for signum, handler in self._previous.items():
-      signal.signal(signum, handler)
-
-
-class Pretrainer:
+class Pretrainer(Job):
   """Everything a pre-training run needs, built once: model, optimizer, jitted steps, launcher."""
 
   def __init__(self, model_config: HubertECGConfig, optimizer_config: OptimizerConfig,
@@ -114,16 +67,16 @@ class Pretrainer:
       raise ValueError(f"the learning-rate schedule is for {optimizer_config.total_steps} steps but "
                        f"the run is {loop_config.total_steps}: make them equal")
     self.model_config = model_config
-    self.optimizer_config = optimizer_config
     self.loop = loop_config
     self.print = print_fn
     model = HubertECG(model_config)
     self.optimizer = make_optimizer(optimizer_config)
-    schedule = linear_warmup_decay(optimizer_config.learning_rate, optimizer_config.warmup_steps,
-                                   optimizer_config.total_steps)
     train_step = make_train_step(model, self.optimizer, loop_config.alpha,
-                                 loop_config.micro_batches, learning_rate=schedule)
+                                 loop_config.micro_batches, learning_rate=optimizer_config.schedule())
     self.launcher = make_launcher(loop_config.launcher, train_step, make_eval_step(model), devices)
+    self.engine = Engine(self.launcher, loop_config, print_fn)
+    self._init_params: Any = None
+    self._val_batches: Callable[[], Iterable[dict[str, np.ndarray]]] | None = None
 
   # -- state ------------------------------------------------------------------------------------
   def _new_state(self, params: Any | None) -> TrainState:
@@ -132,9 +85,11 @@ class Pretrainer:
       params = init_params(self.model_config, init_key)
     return create_train_state(params, self.optimizer, dropout_key)
 
+  def new_state(self) -> TrainState:
+    return self._new_state(self._init_params)
+
   def _abstract_state(self) -> TrainState:
-    shapes = jax.eval_shape(lambda: self._new_state(None))
-    return abstract_like(shapes, self.launcher.state_sharding)
+    return self.engine.abstract_checkpoint(self)
 
   # -- batches ----------------------------------------------------------------------------------
   def check_batch(self, batch: dict[str, np.ndarray], training: bool) -> dict[str, np.ndarray]:
@@ -172,6 +127,9 @@ class Pretrainer:
     batch["targets"] = targets.astype(np.int32)
     return batch
 
+  def batch(self, item: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return self.check_batch(item, training=True)
+
   def _padded(self, batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
     """`batch` grown to `size` rows of padding (attention mask 0: they count nowhere)."""
     extra = size - batch["x"].shape[0]
@@ -181,21 +139,28 @@ class Pretrainer:
             for key, value in batch.items()}
 
   # -- validation -------------------------------------------------------------------------------
-  def validate(self, state: TrainState, batches: Iterable[dict[str, np.ndarray]]) -> dict[str, float]:
+  @property
+  def validates(self) -> bool:
+    return self._val_batches is not None
+
+  def validate(self, state: TrainState, step: int) -> tuple[dict[str, float], float]:
+    metrics = self.validate_on(state, self._val_batches())
+    return metrics, metrics["loss"]
+
+  def validate_on(self, state: TrainState, batches: Iterable[dict[str, np.ndarray]]
+                  ) -> dict[str, float]:
     """CE and accuracy over all non-padding frames of `batches` (one pass, no masking).
 
     Batches are padded to one size (`eval_batch_size`, else the first batch's, rounded up to the
     devices) so one compiled step serves all; on several processes, a host that runs out of
     batches feeds padding until all have.
     """
-    from jax.experimental import multihost_utils
-
     devices = self.launcher.local_devices
     size = self.loop.eval_batch_size
     if size is None and jax.process_count() > 1:
       raise ValueError("set eval_batch_size for validation on several processes (each needs the "
                        "same batch shape)")
-    samples = ECG_SAMPLES
+    samples = MODEL_INPUT_LENGTH
     totals = None
     iterator = iter(batches)
     while True:
@@ -239,109 +204,19 @@ class Pretrainer:
         the data from where the given iterator starts).
       init_params: parameters to start from when there is no checkpoint (e.g. the next iteration).
     """
-    loop = self.loop
     if data_position is None and hasattr(train_batches, "save") and hasattr(train_batches, "restore"):
       data_position = train_batches
     position = None if data_position is None else DataPosition(data_position)
-    workdir = pathlib.Path(workdir)
-    manager = CheckpointManager(workdir / "checkpoints", loop.keep_last, loop.keep_best)
-    writer = MetricsWriter(workdir / "tensorboard", self.print)
-    try:
-      return self._run(workdir, train_batches, val_batches, position, init_params, manager, writer)
-    finally:
-      writer.close()
-      manager.close()
+    self._init_params, self._val_batches = init_params, val_batches
+    outcome = self.engine.run(workdir, self, train_batches, position)
+    return TrainResult(outcome.step, outcome.stop_reason, outcome.metrics, outcome.val_loss,
+                       outcome.exported)
 
-  def _run(self, workdir: pathlib.Path, train_batches: Iterator[dict[str, np.ndarray]],
-           val_batches: Callable[[], Iterable[dict[str, np.ndarray]]] | None,
-           position: DataPosition | None, init_params: Any, manager: CheckpointManager,
-           writer: MetricsWriter) -> TrainResult:
-    loop, launcher = self.loop, self.launcher
-    if manager.latest_step is not None:
-      state = launcher.place_state(manager.restore(self._abstract_state(), position))
-      self.print(f"resumed from step {manager.restored_step} in {manager.directory}")
-    else:
-      state = launcher.place_state(self._new_state(init_params))
-    step = int(host_copy(launcher.checkpoint_view(state).step))
-    if position is None:
-      self.print("note: the batches have no save/restore: a resumed run will not continue the "
-                 "data stream where this one stopped")
-    metrics: dict[str, float] = {}
-    val_loss = None
-    stop_reason = "finished"
-    previous = None
-    first_step = step
-    timer_step, timer_start = step, time.perf_counter()
-    bar = progress_bar(total=loop.total_steps, initial=step, unit="step", dynamic_ncols=True,
-               disable=not loop.progress or jax.process_index() != 0)
-
-    def checkpoint(with_val_loss: float | None = None) -> None:
-      manager.save(step, launcher.checkpoint_view(state), position, with_val_loss)
-
-    with StopSignals() as signals, bar:
-      while step < loop.total_steps:
-        if self._stop_requested(signals):
-          stop_reason = signals.received or "SIGTERM"  # another process got it
-          break
-        batch = self.check_batch(next(train_batches), training=True)
-        global_batch = batch["x"].shape[0] * jax.process_count()
-        state, step_metrics = launcher.train_step(state, launcher.place_batch(batch))
-        step += 1
-        bar.update(1)
-        # The previous step's streak is ready (or nearly): reading it keeps the devices busy.
-        streak = 0 if previous is None else int(launcher.to_host(previous["nonfinite_streak"]))
-        previous = step_metrics
-        if step == first_step + 1:
-          jax.block_until_ready(step_metrics)  # leave compilation out of the speed
-          timer_step, timer_start = step, time.perf_counter()
-        if step % loop.log_every == 0 or step in (first_step + 1, loop.total_steps):
-          metrics = {k: float(v) for k, v in launcher.to_host(step_metrics).items()}
-          elapsed = time.perf_counter() - timer_start
-          if step > timer_step and elapsed > 0:
-            metrics["ecg_per_s"] = global_batch * (step - timer_step) / elapsed
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", ecg_per_s=f"{metrics['ecg_per_s']:.1f}")
-          writer.write(step, metrics, "train")
-          streak = int(metrics["nonfinite_streak"])
-        if streak >= loop.max_nonfinite_streak:
-          stop_reason = "nonfinite"
-          break
-        at_end = step == loop.total_steps
-        if val_batches is not None and (at_end or (loop.val_every and step % loop.val_every == 0)):
-          val_metrics = self.validate(state, val_batches())
-          val_loss = val_metrics["loss"]
-          writer.write(step, val_metrics, "val")
-          checkpoint(val_loss)
-        elif at_end or step % loop.checkpoint_every == 0:
-          checkpoint()
-
-    if stop_reason == "nonfinite":
-      self.print(f"stopping at step {step}: {loop.max_nonfinite_streak} steps in a row had a "
-                 "non-finite loss or gradients (they were skipped; the state is the last finite "
-                 "one). Lower the learning rate, enable grad_clip_norm or check the data.")
-    if stop_reason != "finished":
-      checkpoint()
-      if stop_reason != "nonfinite":
-        self.print(f"{stop_reason} received: checkpointed step {step}, stopping")
-      return TrainResult(step, stop_reason, metrics, val_loss, None)
-    return TrainResult(step, stop_reason, metrics, val_loss,
-                       self._export(workdir, state, manager, step))
-
-  @staticmethod
-  def _stop_requested(signals: StopSignals) -> bool:
-    """Whether any process got a stop signal: all processes must stop at the same step."""
-    if jax.process_count() == 1:
-      return signals.received is not None
-    from jax.experimental import multihost_utils
-
-    return bool(multihost_utils.process_allgather(np.array([signals.received is not None])).any())
-
-  def _export(self, workdir: pathlib.Path, state: TrainState, manager: CheckpointManager,
-              step: int) -> pathlib.Path | None:
+  def export(self, workdir: pathlib.Path, state: TrainState, manager: CheckpointManager,
+             step: int) -> pathlib.Path | None:
     """Final params to `workdir/model`; the best by validation loss to `workdir/model_best`."""
-    launcher = self.launcher
     metadata = {"step": step, "source": "hubert-ecg-jax pretraining"}
-    model_dir = export_model(workdir / "model", self.model_config,
-                             launcher.checkpoint_view(state).params, metadata)
+    model_dir = export_model(workdir / "model", self.model_config, state.params, metadata)
     best = manager.best_step
     if best is not None:
       best_state = manager.restore(self._abstract_state(), step=best)
@@ -351,3 +226,42 @@ class Pretrainer:
       self.print(f"exported the final model to {model_dir}"
                  + (f" and the best (step {best}) to {workdir / 'model_best'}" if best else ""))
     return model_dir
+
+
+def pretrain(config: ConfigDict, workdir: str | pathlib.Path) -> TrainResult:
+  """Builds the model, data pipeline and `Pretrainer` from a pre-training ConfigDict and runs it."""
+  m, d, o, t = config.model, config.data, config.optimizer, config.train
+  if not d.train_dir:
+    raise ValueError("set the training records: --config.data.train_dir=RECORDS (written by `targets`)")
+  manifest = read_manifest(d.train_dir)
+  record_vocab = tuple(manifest.targets_info.get("vocab_sizes", ()))
+  if record_vocab and tuple(m.vocab_sizes) != record_vocab:
+    raise ValueError(f"config.model.vocab_sizes is {tuple(m.vocab_sizes)} but the records in "
+                     f"{d.train_dir} have targets with K = {record_vocab}: set "
+                     f"--config.model.vocab_sizes={','.join(map(str, record_vocab))} or use other records")
+  if manifest.target_codebooks not in (0, len(m.vocab_sizes)):  # 0: the pipeline explains
+    raise ValueError(f"the records in {d.train_dir} have {manifest.target_codebooks} target codebooks "
+                     f"but config.model.vocab_sizes has {len(m.vocab_sizes)}: {tuple(m.vocab_sizes)}")
+  model_config = HubertECGConfig.preset(
+      m.size, m.downsampling, vocab_sizes=tuple(m.vocab_sizes), compute_dtype=m.compute_dtype,
+      hidden_dropout=m.dropout, attention_dropout=m.dropout, activation_dropout=m.dropout,
+      layerdrop=m.layerdrop, mask_time_prob=d.mask_prob, mask_time_length=d.mask_span,
+      mask_time_min_masks=d.min_masks)
+  processes = jax.process_count()
+  if d.batch_size % processes:
+    raise ValueError(f"data.batch_size {d.batch_size} does not split over {processes} processes")
+  local_batch = d.batch_size // processes
+  optimizer_config = OptimizerConfig(total_steps=t.total_steps, **o)
+  loop_config = LoopConfig(**t, eval_batch_size=local_batch)
+  pipeline = PipelineConfig(batch_size=local_batch, seed=d.seed, train_crop="first", eval_crop="first",
+                            with_targets=True, mask_prob=d.mask_prob, mask_span=d.mask_span,
+                            min_masks=d.min_masks, honour_padding=d.honour_padding,
+                            shuffle_buffer=d.shuffle_buffer, model_config=model_config)
+  init_params = None
+  if m.init_from:  # the next iteration: previous backbone and projection, new label embeddings
+    _, previous = load_pretrained(m.init_from)
+    init_params = next_iteration_params(previous, model_config, jax.random.PRNGKey(t.seed))
+  trainer = Pretrainer(model_config, optimizer_config, loop_config)
+  val_batches = (lambda: make_eval_iterator(d.val_dir, pipeline)) if d.val_dir else None
+  return trainer.run(workdir, make_train_iterator(d.train_dir, pipeline), val_batches,
+                     init_params=init_params)

@@ -1,10 +1,6 @@
 """The pre-training optimizer: AdamW with linear warmup and linear decay, as the original.
 
-The original (pretrain.py) uses torch AdamW (lr 5e-5, betas (0.9, 0.98), eps 1e-9, weight decay
-0.01 on every parameter) with `transformers.get_linear_schedule_with_warmup` (warmup
-ceil(8% of the steps), then linear decay to 0). Global-norm clipping and a weight-decay mask that
-spares biases, norms and embeddings are options the original did not have.
-"""
+More in docs/modules.md."""
 from __future__ import annotations
 
 import dataclasses
@@ -47,6 +43,10 @@ class OptimizerConfig:
     """ceil(warmup_fraction * total_steps), as the original."""
     return math.ceil(self.warmup_fraction * self.total_steps)
 
+  def schedule(self) -> optax.Schedule:
+    """The learning rate the optimizer uses for update number `count` (0 for the first)."""
+    return linear_warmup_decay(self.learning_rate, self.warmup_steps, self.total_steps)
+
 
 def linear_warmup_decay(peak: float, warmup_steps: int, total_steps: int) -> optax.Schedule:
   """Learning rate at update `count` (0 for the first update), as get_linear_schedule_with_warmup."""
@@ -72,15 +72,9 @@ def weight_decay_mask(params: Any) -> Any:
 
 def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
   """Clipping (optional) then AdamW under the warmup-decay schedule."""
-  schedule = linear_warmup_decay(config.learning_rate, config.warmup_steps, config.total_steps)
-  adamw = optax.adamw(learning_rate=schedule, b1=config.b1, b2=config.b2, eps=config.eps,
+  adamw = optax.adamw(learning_rate=config.schedule(), b1=config.b1, b2=config.b2, eps=config.eps,
                       weight_decay=config.weight_decay,
                       mask=None if config.decay_all_params else weight_decay_mask)
   if config.grad_clip_norm is None:
     return adamw
   return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), adamw)
-
-
-def learning_rate_at(config: OptimizerConfig, count: jax.Array) -> jax.Array:
-  """The learning rate the optimizer uses for update number `count`."""
-  return linear_warmup_decay(config.learning_rate, config.warmup_steps, config.total_steps)(count)

@@ -13,11 +13,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from hubert_ecg_jax.config import HubertECGConfig
+from hubert_ecg_jax.config import MODEL_INPUT_LENGTH, HubertECGConfig
 from hubert_ecg_jax.model import HubertECG
-
-# Input length of a 5-s 12-lead ECG at 100 Hz, flattened lead-major.
-ECG_SAMPLES = 6000
 
 
 @flax.struct.dataclass
@@ -36,7 +33,7 @@ def _init_params(config: HubertECGConfig, rng: jax.Array, num_samples: int) -> A
   return model.init({"params": rng}, jnp.zeros((1, num_samples), jnp.float32))["params"]
 
 
-def init_params(config: HubertECGConfig, rng: jax.Array, num_samples: int = ECG_SAMPLES) -> Any:
+def init_params(config: HubertECGConfig, rng: jax.Array, num_samples: int = MODEL_INPUT_LENGTH) -> Any:
   """Fresh parameters of `HubertECG(config)` with its pretraining heads (compiled once per config)."""
   return _init_params(config, rng, num_samples)
 
@@ -49,15 +46,8 @@ def create_train_state(params: Any, optimizer: optax.GradientTransformation,
                     skipped_steps=jnp.zeros((), jnp.int32))
 
 
-def init_train_state(config: HubertECGConfig, optimizer: optax.GradientTransformation, seed: int,
-                     num_samples: int = ECG_SAMPLES) -> TrainState:
-  """A state from scratch: parameters initialised from `seed`, the dropout key derived from it."""
-  init_key, dropout_key = jax.random.split(jax.random.PRNGKey(seed))
-  return create_train_state(init_params(config, init_key, num_samples), optimizer, dropout_key)
-
-
 def next_iteration_params(params: Any, config: HubertECGConfig, rng: jax.Array,
-                          num_samples: int = ECG_SAMPLES) -> Any:
+                          num_samples: int = MODEL_INPUT_LENGTH) -> Any:
   """The original's iteration switch: fresh label embeddings for `config.vocab_sizes`, all else kept.
 
   `params` are the previous iteration's; `config` is the new iteration's model (same

@@ -1,15 +1,6 @@
 """One per-device masked-prediction train step and an eval step, both with named-axis collectives.
 
-The functions here see one device's share of the global batch and talk to the other devices
-only through `lax.psum` over the `"data"` axis; `launchers.py` runs them under `jax.pmap` or
-`jax.jit(jax.shard_map(...))`. The loss is normalised by the frame counts of the whole global
-batch, so gradients summed over micro-batches and devices are exactly the gradients of one big
-batch (the mean over its selected frames, as the original), whatever the split.
-
-A batch is a dict of arrays (global shapes; each device gets batch / devices rows):
-  x (batch, samples) float32, attention_mask (batch, samples) int32,
-  targets (batch, codebooks, frames) int32, mask_time_indices (batch, frames) bool (training only).
-"""
+More in docs/modules.md."""
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -20,13 +11,13 @@ import optax
 from jax import lax
 
 from hubert_ecg_jax.model import HubertECG, frame_mask_from_attention_mask
-from hubert_ecg_jax.objectives import (Sums, prediction_sums, pretraining_loss,
-                                       pretraining_metrics)
+from hubert_ecg_jax.parallel import AXIS
+from hubert_ecg_jax.train.objectives import (Sums, prediction_sums, pretraining_loss,
+                                             pretraining_metrics)
 from hubert_ecg_jax.train.state import TrainState
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
-AXIS = "data"
 
 
 def _frame_mask(model: HubertECG, batch: Batch) -> jax.Array:
@@ -63,8 +54,7 @@ def make_train_step(model: HubertECG, optimizer: optax.GradientTransformation, a
     learning_rate: the schedule, to report the rate of this update in the metrics.
     axis_name: the device axis to sum over.
 
-  A step whose loss or gradients are not all finite keeps params and optimizer state, increments
-  `nonfinite_streak` and `skipped_steps`; a finite step resets the streak. `step` always advances.
+  Non-finite steps are skipped (`apply_update`).
   """
 
   def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
@@ -105,27 +95,39 @@ def make_train_step(model: HubertECG, optimizer: optax.GradientTransformation, a
     sums = lax.psum(sums, axis_name)
 
     metrics = pretraining_metrics(sums, alpha)
-    grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-    updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
-    new_params = optax.apply_updates(state.params, updates)
-    keep_new = lambda new, old: jnp.where(finite, new, old)
-    metrics.update(grad_norm=grad_norm, param_norm=optax.tree.norm(state.params),
-                   update_norm=optax.tree.norm(updates), finite=finite.astype(jnp.float32))
-    if learning_rate is not None:
-      # Skipped steps applied no update: the schedule has advanced by the others only.
-      metrics["learning_rate"] = learning_rate(state.step - state.skipped_steps)
-    streak = jnp.where(finite, 0, state.nonfinite_streak + 1)
-    metrics["nonfinite_streak"] = streak.astype(jnp.float32)
-    new_state = state.replace(
-        step=state.step + 1,
-        params=jax.tree.map(keep_new, new_params, state.params),
-        opt_state=jax.tree.map(keep_new, new_opt_state, state.opt_state),
-        nonfinite_streak=streak.astype(jnp.int32),
-        skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32))
-    return new_state, metrics
+    new_state, update_metrics = apply_update(state, grads, metrics["loss"], optimizer, learning_rate)
+    return new_state, {**metrics, **update_metrics, "param_norm": optax.tree.norm(state.params)}
 
   return train_step
+
+
+def apply_update(state: TrainState, grads: Any, loss: jax.Array,
+                 optimizer: optax.GradientTransformation, learning_rate: optax.Schedule | None,
+                 trainable: Any = None) -> tuple[TrainState, Metrics]:
+  """The update tail of every train step: the optimizer update, kept only when finite.
+
+  A step whose loss or gradients are not all finite keeps params and optimizer state, increments
+  `nonfinite_streak` and `skipped_steps`; a finite step resets the streak. `step` always advances.
+  trainable: a tree of Python bools like the params (None: all); frozen leaves stay bit for bit.
+  """
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
+  trainable = jax.tree.map(lambda _: True, state.params) if trainable is None else trainable
+  new_params = jax.tree.map(lambda p, u, t: p + u if t else p, state.params, updates, trainable)
+  keep_new = lambda new, old: jnp.where(finite, new, old)
+  streak = jnp.where(finite, 0, state.nonfinite_streak + 1).astype(jnp.int32)
+  metrics = {"grad_norm": grad_norm, "update_norm": optax.tree.norm(updates),
+             "finite": finite.astype(jnp.float32), "nonfinite_streak": streak.astype(jnp.float32)}
+  if learning_rate is not None:
+    # Skipped steps applied no update: the schedule has advanced by the others only.
+    metrics["learning_rate"] = learning_rate(state.step - state.skipped_steps)
+  return state.replace(
+      step=state.step + 1,
+      params=jax.tree.map(keep_new, new_params, state.params),
+      opt_state=jax.tree.map(keep_new, new_opt_state, state.opt_state),
+      nonfinite_streak=streak,
+      skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32)), metrics
 
 
 def make_eval_step(model: HubertECG, axis_name: str = AXIS) -> Callable[[Any, Batch], Sums]:

@@ -1,13 +1,4 @@
-"""The masked-prediction objective of HuBERT-ECG and its metrics.
-
-Training loss (the original's pretrain.py): cross-entropy of the cosine logits against the
-k-means unit of each frame, averaged over the masked frames of the whole batch and, weighted by
-`1 - alpha`, over the unmasked ones; summed over codebooks. Padding frames count nowhere.
-
-Everything is computed as sums first (`prediction_sums`), so that a data-parallel step can add
-them over micro-batches and devices and divide once by the global frame counts: the loss of a
-batch split over 8 devices and 4 micro-batches is then exactly the loss of the whole batch.
-"""
+"""The masked-prediction objective of HuBERT-ECG and its metrics (more: docs/modules.md)."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -119,12 +110,3 @@ def validation_metrics(sums: Sums) -> dict[str, jax.Array]:
   for index in range(codebooks):
     metrics[f"perplexity_{index}"] = perplexity(sums[f"unit_counts_{index}"])
   return metrics
-
-
-def masked_prediction_loss(logits: Sequence[jax.Array], targets: jax.Array,
-                           mask_time_indices: jax.Array, frame_mask: jax.Array | None,
-                           alpha: float = 1.0) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Loss and metrics of one batch on one device (the step uses the sums directly)."""
-  sums = prediction_sums(logits, targets, mask_time_indices, frame_mask)
-  metrics = pretraining_metrics(sums, alpha)
-  return metrics["loss"], metrics

@@ -1,24 +1,17 @@
-"""Two ways to run the per-device step data-parallel: `jax.pmap`, or `jax.jit(jax.shard_map(...))`.
+"""The device layer: the `("data",)` mesh, placing state and batches, host copies, and launchers.
 
-Both run the same per-device functions of `step.py` over a one-axis device mesh named `"data"`:
-the state is replicated on every device and the batch is split along its first axis. Batches are
-placed with `jax.make_array_from_process_local_data`, so each process passes only its own rows and
-the same code runs on one host or many. One device is the mesh launcher on a 1-device mesh.
-
-Checkpoints see one layout whatever the launcher: `checkpoint_view` gives the state as arrays
-replicated over the mesh (`NamedSharding(mesh, P())`), and `place_state` takes such a state (or
-host arrays) back into the launcher's layout.
-"""
+More in docs/modules.md."""
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from hubert_ecg_jax.train.step import AXIS
-
+AXIS = "data"
 LAUNCHERS = ("mesh", "pmap")
 
 
@@ -32,7 +25,12 @@ def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
   return Mesh(np.asarray(devices), (AXIS,))
 
 
-def _replicated(x: Any, sharding: NamedSharding) -> jax.Array:
+def host_copy(tree: Any) -> Any:
+  """Replicated arrays as numpy, from this process's first copy (works on every host)."""
+  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
+
+
+def replicate(x: Any, sharding: NamedSharding) -> jax.Array:
   """`x` (host array, local or global jax.Array) as a new array replicated under `sharding`.
 
   Always a copy: the train step donates the state, which must not delete the caller's arrays.
@@ -72,13 +70,19 @@ class _DataParallel:
                        f"{self.local_devices} devices: use a multiple of {self.local_devices}")
     return size
 
+  def train_step(self, state: Any, batch: dict[str, jax.Array]) -> tuple[Any, Any]:
+    return self._train(state, batch)
+
+  def eval_step(self, state: Any, batch: dict[str, jax.Array]) -> Any:
+    return self._eval(state.params, batch)
+
 
 class MeshLauncher(_DataParallel):
   """`jax.jit(jax.shard_map(step))` over a `("data",)` mesh, the state donated."""
 
   kind = "mesh"
 
-  def __init__(self, train_step: Callable, eval_step: Callable,
+  def __init__(self, train_step: Callable, eval_step: Callable | None = None,
                devices: Sequence[jax.Device] | None = None):
     self.mesh = data_mesh(devices)
     self.batch_sharding = NamedSharding(self.mesh, P(AXIS))
@@ -88,12 +92,12 @@ class MeshLauncher(_DataParallel):
         jax.shard_map(train_step, mesh=self.mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P()),
                       check_vma=False),
         donate_argnums=0)
-    self._eval = jax.jit(
+    self._eval = eval_step and jax.jit(
         jax.shard_map(eval_step, mesh=self.mesh, in_specs=(P(), P(AXIS)), out_specs=P(),
                       check_vma=False))
 
   def place_state(self, state: Any) -> Any:
-    return jax.tree.map(lambda x: _replicated(x, self.state_sharding), state)
+    return jax.tree.map(lambda x: replicate(x, self.state_sharding), state)
 
   def checkpoint_view(self, state: Any) -> Any:
     return state
@@ -103,15 +107,9 @@ class MeshLauncher(_DataParallel):
     return {name: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(value))
             for name, value in batch.items()}
 
-  def train_step(self, state: Any, batch: dict[str, jax.Array]) -> tuple[Any, Any]:
-    return self._train(state, batch)
-
-  def eval_step(self, state: Any, batch: dict[str, jax.Array]) -> Any:
-    return self._eval(state.params, batch)
-
   def to_host(self, tree: Any) -> Any:
     """Replicated outputs (metrics) as numpy arrays."""
-    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
+    return host_copy(tree)
 
 
 class PmapLauncher(_DataParallel):
@@ -119,19 +117,19 @@ class PmapLauncher(_DataParallel):
 
   kind = "pmap"
 
-  def __init__(self, train_step: Callable, eval_step: Callable,
+  def __init__(self, train_step: Callable, eval_step: Callable | None = None,
                devices: Sequence[jax.Device] | None = None):
     self.mesh = data_mesh(devices)
     self.stacked_sharding = NamedSharding(self.mesh, P(AXIS))  # the layout pmap uses
     devices = list(self.mesh.devices.flat)
     self._train = jax.pmap(train_step, axis_name=AXIS, donate_argnums=0, devices=devices)
-    self._eval = jax.pmap(eval_step, axis_name=AXIS, devices=devices)
+    self._eval = eval_step and jax.pmap(eval_step, axis_name=AXIS, devices=devices)
 
   def place_state(self, state: Any) -> Any:
     """Replicated state -> (devices, ...) arrays, one copy per device, no host round trip."""
 
     def stack(x: Any) -> jax.Array:
-      replicated = _replicated(x, self.state_sharding)
+      replicated = replicate(x, self.state_sharding)
       copies = [shard.data[None] for shard in replicated.addressable_shards]  # each (1, ...)
       return jax.make_array_from_single_device_arrays(
           (self.num_devices, *replicated.shape), self.stacked_sharding, copies)
@@ -155,12 +153,6 @@ class PmapLauncher(_DataParallel):
                 np.asarray(value).reshape(self.local_devices, per_device, *np.shape(value)[1:]))
             for name, value in batch.items()}
 
-  def train_step(self, state: Any, batch: dict[str, jax.Array]) -> tuple[Any, Any]:
-    return self._train(state, batch)
-
-  def eval_step(self, state: Any, batch: dict[str, jax.Array]) -> Any:
-    return self._eval(state.params, batch)
-
   def to_host(self, tree: Any) -> Any:
     """Per-device outputs that are equal on every device (metrics) as numpy arrays."""
     return jax.tree.map(lambda x: np.asarray(x.addressable_data(0))[0], tree)
@@ -169,7 +161,7 @@ class PmapLauncher(_DataParallel):
 Launcher = MeshLauncher | PmapLauncher
 
 
-def make_launcher(kind: str, train_step: Callable, eval_step: Callable,
+def make_launcher(kind: str, train_step: Callable, eval_step: Callable | None = None,
                   devices: Sequence[jax.Device] | None = None) -> Launcher:
   """`"mesh"` (jit + shard_map, the default) or `"pmap"` over `devices` (default: all)."""
   if kind == "mesh":
@@ -177,3 +169,40 @@ def make_launcher(kind: str, train_step: Callable, eval_step: Callable,
   if kind == "pmap":
     return PmapLauncher(train_step, eval_step, devices)
   raise ValueError(f"unknown launcher {kind!r}: expected one of {LAUNCHERS}")
+
+
+class BatchRunner:
+  """Runs `fn(params, x, mask)` over any number of inputs in fixed-size batches on local devices."""
+
+  def __init__(self, fn: Callable, batch_size: int = 64, devices: Sequence[jax.Device] | None = None):
+    self.mesh = data_mesh(devices or jax.local_devices())
+    if batch_size < 1:
+      raise ValueError(f"batch_size must be at least 1, found {batch_size}")
+    self.batch_size = math.ceil(batch_size / self.mesh.size) * self.mesh.size
+    self._batch_sharding = NamedSharding(self.mesh, P(AXIS))
+    self._replicated = NamedSharding(self.mesh, P())
+    self._fn = jax.jit(fn)
+    self._params: Any = None
+    self._placed: Any = None
+
+  def place_params(self, params: Any) -> Any:
+    """Params replicated on the runner's devices (cached for the same params object)."""
+    if params is not self._params:
+      self._params, self._placed = params, jax.device_put(params, self._replicated)
+    return self._placed
+
+  def __call__(self, params: Any, x: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """x, mask (n, samples) -> outputs (n, ...) as numpy."""
+    placed = self.place_params(params)
+    outputs = []
+    for start in range(0, len(x), self.batch_size):
+      chunk_x, chunk_mask = x[start:start + self.batch_size], mask[start:start + self.batch_size]
+      pad = self.batch_size - len(chunk_x)
+      if pad:
+        chunk_x = np.concatenate([chunk_x, np.zeros((pad, *chunk_x.shape[1:]), chunk_x.dtype)])
+        chunk_mask = np.concatenate([chunk_mask, np.ones((pad, *chunk_mask.shape[1:]), chunk_mask.dtype)])
+      batch = jax.device_put((jnp.asarray(chunk_x, jnp.float32), jnp.asarray(chunk_mask, jnp.int32)),
+                             self._batch_sharding)
+      out = np.asarray(self._fn(placed, *batch))
+      outputs.append(out[:len(out) - pad])
+    return np.concatenate(outputs) if outputs else np.zeros((0,))

@@ -1,14 +1,4 @@
-"""Span masks for masked prediction, sampled on the host with numpy.
-
-`sample_span_mask` follows `transformers`' `_compute_mask_indices` (used by HuBERT-ECG's
-pre-training): one probabilistic-rounding epsilon drawn per batch, `int(p * length / span + eps)`
-span starts per example (at least `min_masks`), starts drawn without replacement, each start
-masking `span` frames. With p=0.33, span 1, min 2 masks on 93 frames every example of a batch
-gets the same count, 30 or 31 frames.
-
-Given a `np.random.RandomState` seeded like numpy's global generator, the draws are the same
-as `transformers`' draw for draw; a `np.random.Generator` gives the same distribution.
-"""
+"""Span masks for masked prediction, sampled on the host with numpy (more: docs/modules.md)."""
 from __future__ import annotations
 
 import numpy as np

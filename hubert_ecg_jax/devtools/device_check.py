@@ -28,17 +28,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hubert_ecg_jax.bench_forward import interleaved_medians, time_call
-from hubert_ecg_jax.bench_train import OPTIMIZER, benchmark_batch
-from hubert_ecg_jax.config import HubertECGConfig
-from hubert_ecg_jax.flops import forward_flops, peak_flops, train_step_flops
+from hubert_ecg_jax.devtools.bench_forward import interleaved_medians, time_call
+from hubert_ecg_jax.devtools.bench_train import OPTIMIZER, benchmark_batch
+from hubert_ecg_jax.config import MODEL_INPUT_LENGTH, HubertECGConfig
+from hubert_ecg_jax.devtools.flops import forward_flops, peak_flops, train_step_flops
 from hubert_ecg_jax.inference import strip_pretraining_heads
-from hubert_ecg_jax.masking import sample_span_mask
+from hubert_ecg_jax.train.masking import sample_span_mask
 from hubert_ecg_jax.model import HubertECG
 from hubert_ecg_jax.train.checkpointing import CheckpointManager, abstract_like
-from hubert_ecg_jax.train.launchers import MeshLauncher
+from hubert_ecg_jax.parallel import MeshLauncher
 from hubert_ecg_jax.train.optimizer import make_optimizer
-from hubert_ecg_jax.train.state import ECG_SAMPLES, create_train_state, init_params
+from hubert_ecg_jax.train.state import create_train_state, init_params
 from hubert_ecg_jax.train.step import make_eval_step, make_train_step
 
 # `size dtype mode batches`: one sweep entry per string; batches are per device.
@@ -131,7 +131,7 @@ def parity(size: str, batch: int) -> dict[str, Any]:
   import torch
 
   from hubert_ecg_jax.pretrained import params_from_state_dict
-  from hubert_ecg_jax.torch_reference import ecg_like_batch, make_reference
+  from hubert_ecg_jax.devtools.torch_reference import ecg_like_batch, make_reference
 
   config = HubertECGConfig.preset(size)
   reference = make_reference(config, seed=3)
@@ -199,7 +199,7 @@ def _torch_runner(entry: SweepEntry) -> Callable[[], Any]:
   import torch
   import torch.nn.functional as F
 
-  from hubert_ecg_jax.torch_reference import TorchHubertECG
+  from hubert_ecg_jax.devtools.torch_reference import TorchHubertECG
 
   device = "cuda" if torch.cuda.is_available() else "cpu"
   config = HubertECGConfig.preset(entry.size, layerdrop=0.0)
@@ -278,8 +278,8 @@ def throughput(entries: list[SweepEntry], repeats: int, with_torch: bool,
 def learnable_batch(config: HubertECGConfig, batch: int, rng: np.random.Generator) -> dict:
   """ECG-like inputs whose units (the frame's mean level, quantised) can be learnt."""
   data = benchmark_batch(config, batch, seed=int(rng.integers(1 << 31)))
-  frames = config.num_frames(ECG_SAMPLES)
-  hop = ECG_SAMPLES // frames
+  frames = config.num_frames(MODEL_INPUT_LENGTH)
+  hop = MODEL_INPUT_LENGTH // frames
   levels = data["x"][:, :frames * hop].reshape(batch, frames, hop).mean(axis=2)  # (batch, frames)
   edges = np.linspace(-1, 1, config.vocab_sizes[0] + 1)[1:-1]
   data["targets"] = np.digitize(levels, edges)[:, None, :].astype(np.int32)  # (batch, 1, frames)
@@ -295,7 +295,7 @@ def pretraining_run(size: str, batch: int, steps: int) -> dict[str, Any]:
   launcher = MeshLauncher(make_train_step(model, optimizer), make_eval_step(model), jax.devices()[:1])
   rng = np.random.default_rng(0)
   batches = [learnable_batch(config, batch, rng) for _ in range(8)]
-  frames = config.num_frames(ECG_SAMPLES)
+  frames = config.num_frames(MODEL_INPUT_LENGTH)
 
   def placed(index: int) -> dict[str, jax.Array]:
     data = dict(batches[index % len(batches)])

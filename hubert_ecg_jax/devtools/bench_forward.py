@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hubert_ecg_jax.config import HubertECGConfig
-from hubert_ecg_jax.flops import forward_flops, peak_flops
+from hubert_ecg_jax.devtools.flops import forward_flops, peak_flops
 from hubert_ecg_jax.inference import strip_pretraining_heads
 from hubert_ecg_jax.model import HubertECG
 
@@ -79,7 +79,7 @@ def torch_forward(config: HubertECGConfig, params: dict, x: np.ndarray) -> Calla
   """transformers' HubertModel (sdpa attention, eval, float32) carrying `params`, on batch `x`."""
   import torch
 
-  from hubert_ecg_jax.torch_reference import TorchHubertECG
+  from hubert_ecg_jax.devtools.torch_reference import TorchHubertECG
   reference = TorchHubertECG(config, attn_implementation="sdpa").eval()
   reference.load_flax_params(params)
   x_torch = torch.from_numpy(x)

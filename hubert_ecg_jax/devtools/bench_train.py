@@ -13,14 +13,14 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from hubert_ecg_jax.bench_forward import measure, time_call
-from hubert_ecg_jax.config import HubertECGConfig
-from hubert_ecg_jax.flops import train_step_flops
-from hubert_ecg_jax.masking import sample_span_mask
+from hubert_ecg_jax.devtools.bench_forward import measure, time_call
+from hubert_ecg_jax.config import MODEL_INPUT_LENGTH, HubertECGConfig
+from hubert_ecg_jax.devtools.flops import train_step_flops
+from hubert_ecg_jax.train.masking import sample_span_mask
 from hubert_ecg_jax.model import HubertECG
-from hubert_ecg_jax.train.launchers import MeshLauncher
+from hubert_ecg_jax.parallel import MeshLauncher
 from hubert_ecg_jax.train.optimizer import OptimizerConfig, make_optimizer
-from hubert_ecg_jax.train.state import ECG_SAMPLES, create_train_state, init_params
+from hubert_ecg_jax.train.state import create_train_state, init_params
 from hubert_ecg_jax.train.step import make_eval_step, make_train_step
 
 # The original's AdamW; a long schedule so the learning rate is not 0 in the timed steps.
@@ -30,11 +30,11 @@ OPTIMIZER = OptimizerConfig(total_steps=1_000_000, warmup_fraction=0.0)
 def benchmark_batch(config: HubertECGConfig, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
   """ECG-like inputs, no padding, pre-training span masks and random units."""
   rng = np.random.default_rng(seed)
-  walk = np.cumsum(rng.normal(size=(batch, ECG_SAMPLES)), axis=1)
+  walk = np.cumsum(rng.normal(size=(batch, MODEL_INPUT_LENGTH)), axis=1)
   walk -= walk.min(axis=1, keepdims=True)
   x = (2 * walk / walk.max(axis=1, keepdims=True) - 1).astype(np.float32)
-  frames = config.num_frames(ECG_SAMPLES)
-  return {"x": x, "attention_mask": np.ones((batch, ECG_SAMPLES), np.int32),
+  frames = config.num_frames(MODEL_INPUT_LENGTH)
+  return {"x": x, "attention_mask": np.ones((batch, MODEL_INPUT_LENGTH), np.int32),
           "targets": np.stack([rng.integers(0, v, (batch, frames)) for v in config.vocab_sizes],
                               axis=1).astype(np.int32),
           "mask_time_indices": sample_span_mask(rng, batch, frames)}
@@ -62,7 +62,7 @@ def _torch_step(config: HubertECGConfig, params: Any, batch: dict[str, np.ndarra
   import torch
   import torch.nn.functional as F
 
-  from hubert_ecg_jax.torch_reference import TorchHubertECG
+  from hubert_ecg_jax.devtools.torch_reference import TorchHubertECG
 
   model = TorchHubertECG(config, attn_implementation="sdpa")
   model.load_flax_params(jax.tree.map(np.asarray, params))

@@ -6,16 +6,15 @@ This is the format `hubert-ecg-jax convert` writes and every command reads; trai
 from __future__ import annotations
 
 import json
-import os
 import pathlib
-import shutil
-import tempfile
 from typing import Any
 
 import jax
 import numpy as np
+from orbax.checkpoint import v1 as ocp
 
 from hubert_ecg_jax.config import HubertECGConfig
+from hubert_ecg_jax.files import atomic_path
 
 CONFIG_FILE = "config.json"
 METADATA_FILE = "metadata.json"
@@ -27,39 +26,18 @@ def is_model_dir(path: str | pathlib.Path) -> bool:
   return (path / CONFIG_FILE).is_file() and (path / PARAMS_DIR).is_dir()
 
 
-def make_parent_folder(directory: str | pathlib.Path) -> None:
-  """Creates the folder that will hold `directory`; refuses a path through a file or a read-only folder."""
-  parent = pathlib.Path(directory).absolute().parent
-  existing = next(path for path in (parent, *parent.parents) if path.exists())
-  if not existing.is_dir():
-    raise FileExistsError(f"cannot write {directory}: {existing} is a file, expected a folder there")
-  if not os.access(existing, os.W_OK):
-    raise PermissionError(f"cannot write {directory}: the folder {existing} is not writable")
-  parent.mkdir(parents=True, exist_ok=True)
-
-
 def save_model(directory: str | pathlib.Path, config: HubertECGConfig, params: Any,
                metadata: dict[str, Any] | None = None, overwrite: bool = False) -> pathlib.Path:
   """Writes the model to `directory` atomically: a crash leaves either nothing or a complete model."""
-  from orbax.checkpoint import v1 as ocp
-
   directory = pathlib.Path(directory).absolute()
   if directory.exists() and not overwrite:
     raise FileExistsError(f"{directory} already exists: choose another output or pass overwrite")
   if directory.exists() and not directory.is_dir():
     raise FileExistsError(f"{directory} is a file: expected a model directory to replace")
-  make_parent_folder(directory)
-  staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-  try:
+  with atomic_path(directory, folder=True) as staging:
     host_params = jax.tree_util.tree_map(lambda a: np.asarray(a, dtype=np.float32), params)
     ocp.save(staging / PARAMS_DIR, host_params)
     write_config_and_metadata(staging, config, metadata)
-    if directory.exists():
-      shutil.rmtree(directory)
-    os.replace(staging, directory)
-  except BaseException:
-    shutil.rmtree(staging, ignore_errors=True)
-    raise
   return directory
 
 
@@ -72,8 +50,6 @@ def write_config_and_metadata(directory: pathlib.Path, config: HubertECGConfig,
 
 def load_model(directory: str | pathlib.Path) -> tuple[HubertECGConfig, dict, dict[str, Any]]:
   """Reads a model written by `save_model`: (config, params as numpy arrays, metadata)."""
-  from orbax.checkpoint import v1 as ocp
-
   directory = pathlib.Path(directory)
   if not is_model_dir(directory):
     raise FileNotFoundError(f"{directory} is not a hubert-ecg-jax model directory: expected "
