@@ -3,13 +3,19 @@
 More in docs/modules.md."""
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+from collections.abc import Iterator
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from hubert_ecg_jax.run_lock import DirectoryHeldError, hold_directory
 
 AXIS = "data"
 LAUNCHERS = ("mesh", "pmap")
@@ -39,6 +45,26 @@ def replicate(x: Any, sharding: NamedSharding) -> jax.Array:
     return jax.device_put(x.copy(), sharding)  # device_put alone may reuse x's buffers
   # A host value (the same on every process): each process places its copies.
   return jax.make_array_from_process_local_data(sharding, np.asarray(x))
+
+
+@contextlib.contextmanager
+def hold_run_directory(workdir: str | os.PathLike) -> Iterator[None]:
+  """Holds `workdir` for this job (`run_lock`): process 0 for all the processes of a multi-host
+  job, and every process refuses when it could not, so that none waits for the others."""
+  with contextlib.ExitStack() as stack:
+    refusal = None
+    try:
+      stack.enter_context(hold_directory(workdir, take=jax.process_index() == 0))
+    except DirectoryHeldError as error:
+      refusal = error
+    if jax.process_count() > 1:
+      held = bool(multihost_utils.broadcast_one_to_all(np.array(refusal is not None)))
+      if held and refusal is None:
+        refusal = DirectoryHeldError(f"{workdir} is in use by another job (process 0 could not "
+                                     "hold it; its error says by which)")
+    if refusal is not None:
+      raise refusal
+    yield
 
 
 class _DataParallel:

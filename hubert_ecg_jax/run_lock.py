@@ -1,7 +1,8 @@
 """One job at a time in a run or output directory.
 
-A job holds `DIR/.job.lock` with an exclusive `flock` for as long as it runs, and writes who it is
-(host, process id, start time, command) into the file. A second job on the same directory is
+A job holds `.DIR.lock`, a file beside DIR (inside, it would upset the checks and the atomic
+renames of the output folder itself), with an exclusive `flock` for as long as it runs, and writes
+who it is (host, process id, start time, command line) into the file. A second job on the same directory is
 refused at once with that description. The kernel drops the lock when the holder dies, however it
 dies (SIGKILL included), so the rerun that resumes a killed job is never blocked by a stale file;
 on NFS the lock of a lost node lapses with its lease (about 90 s).
@@ -11,17 +12,31 @@ from __future__ import annotations
 import contextlib
 import datetime
 import fcntl
+import functools
+import inspect
 import json
 import os
 import pathlib
+import shlex
 import socket
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
 
-LOCK_NAME = ".job.lock"
+from hubert_ecg_jax.files import make_parent_folder
 
 
 class DirectoryHeldError(OSError):
   """Another live job holds the directory."""
+
+
+def lock_path(directory: str | os.PathLike) -> pathlib.Path:
+  directory = pathlib.Path(directory).absolute()
+  return directory.parent / f".{directory.name}.lock"
+
+
+def _command_line() -> str:
+  return shlex.join([pathlib.Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else "python"
 
 
 def _holder_text(path: pathlib.Path) -> str:
@@ -36,8 +51,10 @@ def _holder_text(path: pathlib.Path) -> str:
 
 
 @contextlib.contextmanager
-def hold_directory(directory: str | os.PathLike, command: str, take: bool = True) -> Iterator[None]:
-  """Holds `directory` (created if missing) for the body, or raises `DirectoryHeldError`.
+def hold_directory(directory: str | os.PathLike, command: str | None = None,
+                   take: bool = True) -> Iterator[None]:
+  """Holds `directory` for the body, or raises `DirectoryHeldError`; `command` describes this job
+  to the one refused (default: this process's command line).
 
   `take=False` holds nothing: the other processes of a multi-host job, whose process 0 holds the
   directory for all of them.
@@ -45,9 +62,8 @@ def hold_directory(directory: str | os.PathLike, command: str, take: bool = True
   if not take:
     yield
     return
-  directory = pathlib.Path(directory)
-  directory.mkdir(parents=True, exist_ok=True)
-  path = directory / LOCK_NAME
+  path = lock_path(directory)
+  make_parent_folder(path)
   fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
   try:
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -58,10 +74,26 @@ def hold_directory(directory: str | os.PathLike, command: str, take: bool = True
         "a job that died no longer holds it") from None
   try:
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-    holder = {"command": command, "pid": os.getpid(), "host": socket.gethostname(),
+    holder = {"command": command or _command_line(), "pid": os.getpid(), "host": socket.gethostname(),
               "started": started}
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(holder).encode(), 0)
     yield
   finally:
     os.close(fd)  # releases the lock; the file stays, harmless to the next holder
+
+
+def holds_directory(argument: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+  """Decorator: the function holds the directory given as its argument `argument` while it runs."""
+
+  def decorate(function: Callable[..., Any]) -> Callable[..., Any]:
+    signature = inspect.signature(function)
+
+    @functools.wraps(function)
+    def held(*args: Any, **kwargs: Any) -> Any:
+      with hold_directory(signature.bind(*args, **kwargs).arguments[argument]):
+        return function(*args, **kwargs)
+
+    return held
+
+  return decorate

@@ -25,6 +25,7 @@ from hubert_ecg_jax.data.preprocess import prepare_record
 from hubert_ecg_jax.data.readers import (HDF5_EXTENSIONS, code15_exam_ids, find_hdf5_files,
                                          find_records, read_code15_exam, read_record)
 from hubert_ecg_jax.progress import progress_bar
+from hubert_ecg_jax.run_lock import holds_directory
 
 ASSIGNMENT_SEED = 0
 DEFAULT_RECORDS_PER_SHARD = 512
@@ -222,6 +223,7 @@ def _prepare_out(out: pathlib.Path, job: dict[str, Any]) -> records_lib.RecordsM
   return manifest
 
 
+@holds_directory("out")
 def preprocess_records(src: str | os.PathLike, out: str | os.PathLike, *,
                        labels_csv: str | os.PathLike | None = None, label_source: str | None = None,
                        label_start_index: int = 3, num_shards: int | None = None,

@@ -22,7 +22,7 @@ from hubert_ecg_jax.finetune.run import (BEST_MODEL, FinetuneResult, Prepared, p
                                          save_classifier, validate)
 from hubert_ecg_jax.finetune.step import make_train_step
 from hubert_ecg_jax.inference import classifier_logits_fn
-from hubert_ecg_jax.parallel import BatchRunner, make_launcher
+from hubert_ecg_jax.parallel import BatchRunner, hold_run_directory, make_launcher
 from hubert_ecg_jax.train.checkpointing import DataPosition
 from hubert_ecg_jax.train.engine import Engine, Job, RunConfig
 from hubert_ecg_jax.train.optimizer import make_optimizer
@@ -71,6 +71,12 @@ def finetune(settings: FinetuneSettings, workdir: str | pathlib.Path,
              print_fn: Callable[[str], None] = tqdm.write) -> FinetuneResult:
   """Runs (or resumes) a fine-tuning job in `workdir` (see the module docstring)."""
   workdir = pathlib.Path(workdir)
+  with hold_run_directory(workdir):
+    return _finetune(settings, workdir, print_fn)
+
+
+def _finetune(settings: FinetuneSettings, workdir: pathlib.Path,
+              print_fn: Callable[[str], None]) -> FinetuneResult:
   workdir.mkdir(parents=True, exist_ok=True)
   prepared = prepare(settings, workdir)
   for note in prepared.notes:

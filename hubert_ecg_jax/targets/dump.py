@@ -19,6 +19,7 @@ from hubert_ecg_jax.files import atomic_path, write_json_atomic
 from hubert_ecg_jax.model import HubertECG
 from hubert_ecg_jax.pretrained import load_pretrained
 from hubert_ecg_jax.progress import progress_bar
+from hubert_ecg_jax.run_lock import holds_directory
 from hubert_ecg_jax.targets.features import FEATURE_SETS, frame_features
 from hubert_ecg_jax.targets.kmeans import KMeansModel
 
@@ -79,6 +80,7 @@ def _pad_batch(array: np.ndarray, size: int) -> np.ndarray:
   return np.concatenate([array, np.repeat(array[-1:], size - len(array), axis=0)])
 
 
+@holds_directory("out_dir")
 def dump_features(records_dir: str | os.PathLike, out_dir: str | os.PathLike,
                   features: FrameFeatureFn, description: dict[str, Any], batch_size: int = 32,
                   show_progress: bool = True) -> dict[str, Any]:
@@ -145,6 +147,7 @@ def assign_units(features_dir: str | os.PathLike, models: Sequence[Any]) -> dict
   return units
 
 
+@holds_directory("out_dir")
 def write_targets(records_dir: str | os.PathLike, features_dir: str | os.PathLike,
                   kmeans_paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
                   show_progress: bool = True) -> records_lib.RecordsManifest:

@@ -17,7 +17,7 @@ from hubert_ecg_jax.config import MODEL_INPUT_LENGTH, HubertECGConfig
 from hubert_ecg_jax.data.pipeline import PipelineConfig, make_eval_iterator, make_train_iterator
 from hubert_ecg_jax.data.records import read_manifest
 from hubert_ecg_jax.model import HubertECG
-from hubert_ecg_jax.parallel import make_launcher
+from hubert_ecg_jax.parallel import hold_run_directory, make_launcher
 from hubert_ecg_jax.pretrained import load_pretrained
 from hubert_ecg_jax.train.checkpointing import CheckpointManager, DataPosition, export_model
 from hubert_ecg_jax.train.engine import Engine, Job, RunConfig
@@ -229,7 +229,13 @@ class Pretrainer(Job):
 
 
 def pretrain(config: ConfigDict, workdir: str | pathlib.Path) -> TrainResult:
-  """Builds the model, data pipeline and `Pretrainer` from a pre-training ConfigDict and runs it."""
+  """Builds the model, data pipeline and `Pretrainer` from a pre-training ConfigDict and runs it,
+  holding `workdir` (a second job on it is refused)."""
+  with hold_run_directory(workdir):
+    return _pretrain(config, workdir)
+
+
+def _pretrain(config: ConfigDict, workdir: str | pathlib.Path) -> TrainResult:
   m, d, o, t = config.model, config.data, config.optimizer, config.train
   if not d.train_dir:
     raise ValueError("set the training records: --config.data.train_dir=RECORDS (written by `targets`)")
