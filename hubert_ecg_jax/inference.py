@@ -26,6 +26,7 @@ from hubert_ecg_jax.data.readers import (HDF5_EXTENSIONS, find_hdf5_files, find_
 from hubert_ecg_jax.data.records import MANIFEST_NAME, read_manifest
 from hubert_ecg_jax.files import atomic_path
 from hubert_ecg_jax.finetune.tasks import Task
+from hubert_ecg_jax.layers import cast_kernels
 from hubert_ecg_jax.model import HubertECG
 from hubert_ecg_jax.parallel import BatchRunner
 from hubert_ecg_jax.pretrained import load_pretrained, load_pretrained_with_heads
@@ -68,10 +69,13 @@ def classifier_metadata(task: Task, classifier_hidden_size: int | None, classifi
 def load_classifier(path: str | pathlib.Path, compute_dtype: str | None = None) -> Classifier:
   """A classifier saved by `hubert-ecg-jax finetune` (or a converted fine-tuned checkpoint, whose
   outputs are then named label_0... and treated as multi-label with threshold 0.5);
-  `compute_dtype` replaces the config's (None keeps it)."""
+  `compute_dtype` replaces the config's (None keeps it), for inference: the backbone's kernels are
+  cast to it here, once."""
   classifier = _load_classifier(path)
   if compute_dtype is not None:
     classifier.config = classifier.config.replace(compute_dtype=compute_dtype)
+    backbone = cast_kernels(classifier.params["hubert_ecg"], compute_dtype)  # once, not per call
+    classifier.params = {**classifier.params, "hubert_ecg": backbone}
   return classifier
 
 
@@ -110,9 +114,11 @@ def strip_pretraining_heads(backbone: dict) -> dict:
 def load_backbone(path: str | pathlib.Path, compute_dtype: str | None = None
                   ) -> tuple[HubertECGConfig, dict]:
   """(config, backbone params) of any model: pretrained or fine-tuned, ours or converted;
-  `compute_dtype` replaces the config's (None keeps it)."""
+  `compute_dtype` replaces the config's (None keeps it), for inference: the kernels are cast to
+  it here, once."""
   config, backbone = load_pretrained(path, compute_dtype)
-  return config, strip_pretraining_heads(backbone)
+  backbone = strip_pretraining_heads(backbone)
+  return config, backbone if compute_dtype is None else cast_kernels(backbone, compute_dtype)
 
 
 def classifier_logits_fn(model: HubertECGForClassification) -> Callable:

@@ -16,6 +16,7 @@ import numpy as np
 from hubert_ecg_jax.data import records as records_lib
 from hubert_ecg_jax.data.preprocess import crop_window, model_inputs
 from hubert_ecg_jax.files import atomic_path, write_json_atomic
+from hubert_ecg_jax.layers import cast_kernels
 from hubert_ecg_jax.model import HubertECG
 from hubert_ecg_jax.pretrained import load_pretrained
 from hubert_ecg_jax.progress import progress_bar
@@ -41,6 +42,8 @@ def hidden_state_features(model_path: str | os.PathLike, layer: int,
   """Iteration-n features: `hidden_states[layer]` of a model (0 = encoder input, L = last layer),
   computed in `compute_dtype` (None: the model config's)."""
   config, params = load_pretrained(model_path, compute_dtype)
+  if compute_dtype is not None:
+    params = cast_kernels(params, compute_dtype)  # once, not on every call
   if not 0 <= layer <= config.num_hidden_layers:
     raise ValueError(f"layer must be in 0..{config.num_hidden_layers} for this "
                      f"{config.num_hidden_layers}-layer model, found {layer}")
