@@ -81,9 +81,10 @@ def load_classifier(path: str | pathlib.Path, compute_dtype: str | None = None) 
 
 def _load_classifier(path: str | pathlib.Path) -> Classifier:
   from hubert_ecg_jax import checkpoint
+  from hubert_ecg_jax.hub import resolve_model
   from hubert_ecg_jax.pretrained import load_pretrained_with_heads
 
-  path = pathlib.Path(path)
+  path = resolve_model(path)
   if checkpoint.is_model_dir(path):
     config, params, metadata = checkpoint.load_model(path)
     if metadata.get("format") != CLASSIFIER_FORMAT:
@@ -250,12 +251,12 @@ def read_file_records(path: pathlib.Path, fs: float | None = None) -> Iterator[A
 
 def run_on_files(runner: BatchRunner, params: Any, files: Sequence[pathlib.Path], crop: str,
                  n_crops: int = 1, fs: float | None = None, seed: int = 0, group_size: int = 32,
-                 on_error: Callable[[str, str], None] | None = None, progress: bool = True
-                 ) -> Iterator[FileResult]:
+                 on_error: Callable[[str, str], None] | None = None, progress: bool = True,
+                 missing_leads: str = "refuse") -> Iterator[FileResult]:
   """Reads, prepares, crops and runs every record of `files`, `group_size` records per device pass.
 
   A record that cannot be read or prepared is passed to `on_error(source, reason)` and skipped
-  (without `on_error` the error is raised).
+  (without `on_error` the error is raised). `missing_leads` is `prepare_record`'s.
   """
   from hubert_ecg_jax.progress import progress_bar
 
@@ -265,7 +266,8 @@ def run_on_files(runner: BatchRunner, params: Any, files: Sequence[pathlib.Path]
     for index, path in enumerate(progress_bar(files, desc="records", unit="file", disable=not progress)):
       try:
         for number, record in enumerate(read_file_records(path, fs)):
-          prepared = prepare_record(record.signal, record.fs, lead_names=record.lead_names)
+          prepared = prepare_record(record.signal, record.fs, lead_names=record.lead_names,
+                                    missing_leads=missing_leads)
           rng = np.random.default_rng([seed, index, number])
           offsets = window_offsets(prepared.shape[1], crop, n_crops, rng)
           x, mask = record_windows(prepared, offsets)

@@ -5,7 +5,9 @@ Accepted inputs:
 - the original's `.pt` training checkpoints (`model_config` is a pickled `HuBERTECGConfig`: it is
   read with PyTorch's weights-only unpickler, the config class mapped to an inert stand-in; any other
   pickled class is refused and no code from the file runs);
-- a model directory written by `hubert_ecg_jax.checkpoint.save_model` (what `convert` writes).
+- a model directory written by `hubert_ecg_jax.checkpoint.save_model` (what `convert` writes);
+- any of these on the Hugging Face Hub, by id (`Edoardo-BS/hubert-ecg-base`, `ORG/NAME@REVISION`;
+  `hubert_ecg_jax.hub`); a local path that exists wins over a Hub id.
 """
 from __future__ import annotations
 
@@ -125,20 +127,22 @@ def _has_pretraining_heads(params: dict) -> bool:
   return any(k.startswith(("final_proj_", "label_embedding_")) for k in params)
 
 
-def load_pretrained(path: str | pathlib.Path, compute_dtype: str | None = None
-                    ) -> tuple[HubertECGConfig, dict]:
-  """(config, params) for `HubertECG(config)` from a HF directory, an original `.pt`, or our model dir."""
-  config, params, _ = load_pretrained_with_heads(path)
+def load_pretrained(path: str | pathlib.Path, compute_dtype: str | None = None,
+                    revision: str | None = None) -> tuple[HubertECGConfig, dict]:
+  """(config, params) for `HubertECG(config)` from a HF directory, an original `.pt`, our model dir,
+  or a Hugging Face Hub id (at `revision`: a branch, tag or commit; default main)."""
+  config, params, _ = load_pretrained_with_heads(path, revision)
   if compute_dtype is not None:
     config = config.replace(compute_dtype=compute_dtype)
   return config, params
 
 
-def load_pretrained_with_heads(path: str | pathlib.Path) -> tuple[HubertECGConfig, dict, dict]:
+def load_pretrained_with_heads(path: str | pathlib.Path, revision: str | None = None
+                               ) -> tuple[HubertECGConfig, dict, dict]:
   """Like `load_pretrained`, plus the classifier-head params of a fine-tuned checkpoint ({} if none)."""
-  path = pathlib.Path(path)
-  if not path.exists():
-    raise FileNotFoundError(f"{path} does not exist")
+  from hubert_ecg_jax.hub import resolve_model
+
+  path = resolve_model(path, revision)
   if path.is_dir() and checkpoint.is_model_dir(path):
     config, params, _ = checkpoint.load_model(path)
     heads = {}

@@ -29,7 +29,8 @@ def register(subparsers: Any) -> None:
   p = subparsers.add_parser(
       "embed", help="deterministic embeddings (mean-pooled or per frame, any layer) to .npy",
       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("model", help="model: HF directory, original .pt, `convert` output or fine-tuned model")
+  p.add_argument("model", help="model: HF directory, original .pt, `convert` output, fine-tuned "
+                 "model, or a Hugging Face Hub id (Edoardo-BS/hubert-ecg-base[@REVISION])")
   p.add_argument("data", help="records directory, or an ECG file or folder")
   p.add_argument("--out", required=True, help="output .npy file (an index CSV is written beside it)")
   p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")

@@ -30,7 +30,7 @@ def default_config() -> ConfigDict:
   config.mode = "finetune"  # "linear_probe": frozen backbone, embeddings once, logistic regression
   config.model = ConfigDict(dict(
       init="pretrained",  # "pretrained": weights from `pretrained`; "scratch": random init of `size`
-      pretrained="",  # HF directory, original .pt, or a model directory of ours
+      pretrained="",  # HF directory, original .pt, a model directory of ours, or a Hub id (ORG/NAME[@REV])
       size="small",  # scratch: tiny, small, base, large
       compute_dtype="float32",  # "bfloat16": bf16 products, float32 params (faster)
       hidden_dropout=0.0, activation_dropout=0.0, feat_proj_dropout=0.0,  # finetune.sh: 0
@@ -153,7 +153,8 @@ def settings_from_config(config: ConfigDict) -> FinetuneSettings:
     raise ValueError(f"model.init must be one of {MODEL_INITS}, found {m.init!r}")
   if m.init == "pretrained" and not m.pretrained:
     raise ValueError("set the pretrained weights: --config.model.pretrained=PATH (a Hugging Face "
-                     "directory, an original .pt or a `convert` output), or train from random "
+                     "directory, an original .pt, a `convert` output or a Hub id such as "
+                     "Edoardo-BS/hubert-ecg-base), or train from random "
                      "weights with --config.model.init=scratch")
   check_task(config.task.kind)
   if t.early_stopping_metric not in STOPPING_METRICS:

@@ -197,6 +197,7 @@ def save_classifier(directory: pathlib.Path, prepared: Prepared, settings: Finet
                     params: Any, validation: Validation, step: int, notes: list[str]) -> pathlib.Path:
   """Saves the classifier with its metadata; multi-label thresholds are tuned on `validation`."""
   from hubert_ecg_jax.evaluate import tune_thresholds
+  from hubert_ecg_jax.hub import model_source
 
   thresholds, tuning = None, None
   if prepared.task.kind == "multi_label":
@@ -209,6 +210,8 @@ def save_classifier(directory: pathlib.Path, prepared: Prepared, settings: Finet
                   "crop": settings.eval.crop, "crops": settings.eval.crops,
                   "aggregation": settings.eval.aggregation},
       mode=settings.mode, loss_weights=[float(w) for w in prepared.loss_weights], notes=notes,
+      pretrained_source=(model_source(settings.model.pretrained)
+                         if settings.model.init == "pretrained" else None),
       training_config=settings.raw)
   host = jax.tree.map(lambda a: np.asarray(a, np.float32), params)
   return save_model(directory, prepared.config, host, metadata, overwrite=True)
