@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from hubert_ecg_jax.commands import add_missing_leads_argument
 from hubert_ecg_jax.data import records as records_lib
 
 ASSIGNMENT_SEED = 0
@@ -61,6 +62,7 @@ class PrepareSettings:
   fs: float | None = None
   label_source: str = "dx"
   label_names: tuple[str, ...] = ()
+  missing_leads: str = "refuse"
 
 
 def _record_key(name: str) -> str:
@@ -176,7 +178,8 @@ def prepare_source(source: RecordSource, settings: PrepareSettings
     record = (read_record(source.path, fs=settings.fs) if source.row is None
               else read_code15_exam(source.path, source.row))
     signal = prepare_record(record.signal, record.fs, lead_names=record.lead_names,
-                            order=settings.order, nan_policy=settings.nan_policy)
+                            order=settings.order, nan_policy=settings.nan_policy,
+                            missing_leads=settings.missing_leads)
     if settings.label_source == "csv":
       if source.csv_labels is None:
         raise ValueError("no row for this record in the labels CSV")
@@ -209,6 +212,8 @@ def _job_fingerprint(sources: Sequence[RecordSource], settings: PrepareSettings,
       "order": settings.order, "nan_policy": settings.nan_policy, "fs": settings.fs,
       "label_source": settings.label_source, "label_start_index": label_start_index,
       "labels_csv_sha256": _file_digest(labels_csv) if labels_csv else None,
+      # only when asked, so that directories written before the option keep their fingerprint
+      **({"missing_leads": settings.missing_leads} if settings.missing_leads != "refuse" else {}),
   }
 
 
@@ -239,8 +244,8 @@ def preprocess_records(src: str | os.PathLike, out: str | os.PathLike, *,
                        label_start_index: int = 3, num_shards: int | None = None,
                        records_per_shard: int | None = None, workers: int | None = None,
                        order: str = "resample_first", nan_policy: str = "refuse",
-                       fs: float | None = None, show_progress: bool = True
-                       ) -> records_lib.RecordsManifest:
+                       fs: float | None = None, show_progress: bool = True,
+                       missing_leads: str = "refuse") -> records_lib.RecordsManifest:
   """Runs (or resumes) a preprocessing job; returns the complete manifest."""
   from hubert_ecg_jax.progress import progress_bar
 
@@ -261,7 +266,8 @@ def preprocess_records(src: str | os.PathLike, out: str | os.PathLike, *,
   if num_shards is None:
     num_shards = math.ceil(len(sources) / (records_per_shard or DEFAULT_RECORDS_PER_SHARD))
   num_shards = min(num_shards, len(sources))
-  settings = PrepareSettings(order=order, nan_policy=nan_policy, fs=fs, label_source=label_source)
+  settings = PrepareSettings(order=order, nan_policy=nan_policy, fs=fs, label_source=label_source,
+                             missing_leads=missing_leads)
   job = _job_fingerprint(sources, settings, num_shards, labels_csv, label_start_index)
   manifest = _prepare_out(out, job)
 
@@ -279,7 +285,7 @@ def preprocess_records(src: str | os.PathLike, out: str | os.PathLike, *,
       manifest = records_lib.RecordsManifest(
           job=job, label_names=list(label_names), shards=[],
           preprocessing={"order": order, "nan_policy": nan_policy, "target_fs": 500,
-                         "fs_given": fs})
+                         "fs_given": fs, "missing_leads": missing_leads, "zeroed_leads": {}})
       records_lib.write_manifest(out, manifest)
     settings = dataclasses.replace(settings, label_names=tuple(manifest.label_names))
     _write_shards(out, sources, manifest, settings, num_shards, pool, show_progress)
@@ -297,6 +303,7 @@ def _write_shards(out: pathlib.Path, sources: Sequence[RecordSource],
                   manifest: records_lib.RecordsManifest, settings: PrepareSettings, num_shards: int,
                   pool: Any, show_progress: bool) -> None:
   """Writes every shard not yet in the manifest, updating the manifest after each one."""
+  from hubert_ecg_jax.data.preprocess import zeroed_leads
   from hubert_ecg_jax.progress import progress_bar
 
   finished = {shard.file for shard in manifest.shards if (out / shard.file).is_file()}
@@ -322,6 +329,8 @@ def _write_shards(out: pathlib.Path, sources: Sequence[RecordSource],
           progress.write(f"skipped {result[0]}: {result[1]}", file=sys.stderr)
           continue
         rates[f"{result.source_fs:g}"] += 1
+        if settings.missing_leads == "zero" and (zeroed := zeroed_leads(result.signal)):
+          manifest.preprocessing.setdefault("zeroed_leads", {})[result.record_id] = zeroed
         yield records_lib.encode_example(result)
 
     name = records_lib.shard_file_name(index, num_shards)
@@ -361,6 +370,7 @@ def register(subparsers: Any) -> None:
                  help="filter/resample order (resample_first: as for the released weights)")
   p.add_argument("--nan-policy", choices=("refuse", "interpolate"), default="refuse",
                  help="records with NaN samples: report as bad, or fill linearly in time")
+  add_missing_leads_argument(p)
   p.add_argument("--fs", type=float, help="sampling rate in Hz of .npy records (they do not store it)")
   p.add_argument("--quiet", action="store_true", help="no progress bars")
   p.set_defaults(func=run)
@@ -371,7 +381,11 @@ def run(args: argparse.Namespace) -> int:
       args.src, args.out, labels_csv=args.labels, label_source=args.label_source,
       label_start_index=args.label_start_index, num_shards=args.shards,
       records_per_shard=args.records_per_shard, workers=args.workers, order=args.order,
-      nan_policy=args.nan_policy, fs=args.fs, show_progress=not args.quiet)
+      nan_policy=args.nan_policy, fs=args.fs, show_progress=not args.quiet,
+      missing_leads=args.missing_leads)
+  zeroed = manifest.preprocessing.get("zeroed_leads") or {}
   print(f"{manifest.num_records} records in {len(manifest.shards)} shards, "
-        f"{len(manifest.failures)} failed, {manifest.num_labels} labels -> {args.out}")
+        f"{len(manifest.failures)} failed, {manifest.num_labels} labels -> {args.out}"
+        + (f"; {len(zeroed)} with missing leads entered as zeros (manifest.json "
+           "preprocessing.zeroed_leads)" if zeroed else ""))
   return 0

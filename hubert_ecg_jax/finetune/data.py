@@ -180,10 +180,11 @@ def _record_id(filename: str) -> str:
 
 def materialise_split_csv(csv_path: str | os.PathLike, records_dir: str | os.PathLike,
                           directory: pathlib.Path, label_start_index: int = 3,
-                          fs: float | None = None, workers: int = 0, progress: bool = True
-                          ) -> pathlib.Path:
+                          fs: float | None = None, workers: int = 0, progress: bool = True,
+                          missing_leads: str = "refuse") -> pathlib.Path:
   """Prepares the records a split CSV lists (file names relative to `records_dir`) into a records
-  directory at `directory`, reused when the CSV and settings are unchanged."""
+  directory at `directory`, reused when the CSV and settings are unchanged (`missing_leads`:
+  `prepare_record`'s)."""
   from hubert_ecg_jax.progress import progress_bar
 
   from hubert_ecg_jax.commands.preprocess import PrepareSettings, RecordSource
@@ -194,7 +195,7 @@ def materialise_split_csv(csv_path: str | os.PathLike, records_dir: str | os.Pat
   records_dir = pathlib.Path(records_dir)
   job = {"source": "split_csv", "csv": str(csv_path.absolute()), "csv_sha256": _digest(csv_path),
          "records_dir": str(records_dir.absolute()), "label_start_index": label_start_index,
-         "fs": fs}
+         "fs": fs, **({"missing_leads": missing_leads} if missing_leads != "refuse" else {})}
   if _reusable(directory, job):
     return directory
   sources = []
@@ -204,7 +205,7 @@ def materialise_split_csv(csv_path: str | os.PathLike, records_dir: str | os.Pat
     sources.append(RecordSource(str(path if path.is_absolute() else records_dir / path),
                                 _record_id(filename), tuple(float(v) for v in table.labels[row]),
                                 metadata))
-  settings = PrepareSettings(fs=fs, label_source="csv")
+  settings = PrepareSettings(fs=fs, label_source="csv", missing_leads=missing_leads)
   failures: list[dict[str, str]] = []
   workers = workers or os.cpu_count() or 1
 
