@@ -67,6 +67,11 @@ def test_predict_takes_records_with_missing_leads_when_asked(run, sample_data_di
   assert entry["missing_leads"] == ["III", "aVR", "aVL", "aVF"]
   assert next(csv.DictReader((out / "predictions.csv").open()))["missing_leads"] == "III;aVR;aVL;aVF"
   assert "leads III, aVR, aVL, aVF missing" in capsys.readouterr().out
+  embeddings = tmp_path / "emb.npy"
+  assert cli.main(["embed", str(run["model"]), str(partial), "--out", str(embeddings),
+                   "--missing-leads", "zero", "--quiet"]) == 0
+  index = next(csv.DictReader(embeddings.with_suffix(".index.csv").open()))
+  assert index["missing_leads"] == "III;aVR;aVL;aVF" and np.load(embeddings).shape == (1, 32)
 
 
 def test_evaluate_names_findings_scores_the_challenge_and_takes_lead_subsets(run, tmp_path, capsys):  # noqa: F811

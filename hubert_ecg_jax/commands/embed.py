@@ -10,7 +10,8 @@ gives the same embedding.
   --layer k     hidden state k: 0 is the encoder input, L (the default) the last block's output
 
 With several windows per record (--crop tta/cover), pooled embeddings are averaged over windows.
-Next to OUT, `OUT.index.csv` gives the record of every row (row, record_id, source).
+Next to OUT, `OUT.index.csv` gives the record of every row (row, record_id, source, and the leads
+entered as zeros with --missing-leads zero).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import sys
 import tempfile
 from typing import Any
 
-from hubert_ecg_jax.commands import add_compute_dtype_argument
+from hubert_ecg_jax.commands import add_compute_dtype_argument, add_missing_leads_argument
 
 
 def register(subparsers: Any) -> None:
@@ -46,6 +47,7 @@ def register(subparsers: Any) -> None:
   p.add_argument("--extensions", default=".hea,.npy", help="record files to look for in a folder")
   p.add_argument("--batch-size", type=int, default=64, help="windows per device pass (default 64)")
   p.add_argument("--quiet", action="store_true", help="no progress bars")
+  add_missing_leads_argument(p)
   add_compute_dtype_argument(p)
   p.set_defaults(func=run)
 
@@ -65,6 +67,7 @@ def _atomic_write(path: pathlib.Path, write: Any) -> None:
 def run(args: argparse.Namespace) -> int:
   import numpy as np
 
+  from hubert_ecg_jax.data.preprocess import missing_standard_leads
   from hubert_ecg_jax.data.records import MANIFEST_NAME
   from hubert_ecg_jax.inference import (BatchRunner, embedding_fn, list_input_files, load_backbone,
                                         run_on_files, run_on_records_dir)
@@ -88,18 +91,21 @@ def run(args: argparse.Namespace) -> int:
                                 progress=not args.quiet)
     embeddings, ids = result.outputs.mean(axis=1), result.record_ids
     sources = [str(data)] * len(ids)
+    missing = [[] for _ in ids]  # records directories hold prepared records (see their manifest)
   else:
     files = list_input_files(data, [e.strip() for e in args.extensions.split(",") if e.strip()])
 
     def on_error(source: str, reason: str) -> None:
       print(f"skipped {source}: {reason}", file=sys.stderr)
 
-    rows, ids, sources = [], [], []
+    rows, ids, sources, missing = [], [], [], []
     for item in run_on_files(runner, backbone, files, args.crop, args.crops, args.fs,
-                             on_error=on_error if len(files) > 1 else None, progress=not args.quiet):
+                             on_error=on_error if len(files) > 1 else None, progress=not args.quiet,
+                             missing_leads=args.missing_leads):
       rows.append(item.outputs.mean(axis=0))
       ids.append(item.record_id)
       sources.append(item.source)
+      missing.append(missing_standard_leads(item.record.lead_names))
     if not rows:
       raise ValueError(f"no record of {data} could be read")
     embeddings = np.stack(rows)
@@ -110,8 +116,9 @@ def run(args: argparse.Namespace) -> int:
   def write_index(path: str) -> None:
     with open(path, "w", newline="") as stream:
       writer = csv.writer(stream)
-      writer.writerow(["row", "record_id", "source"])
-      writer.writerows([i, record_id, source] for i, (record_id, source) in enumerate(zip(ids, sources)))
+      writer.writerow(["row", "record_id", "source", "missing_leads"])
+      writer.writerows([i, record_id, source, ";".join(leads)]
+                       for i, (record_id, source, leads) in enumerate(zip(ids, sources, missing)))
 
   _atomic_write(index_path, write_index)
   layer = config.num_hidden_layers if args.layer is None else args.layer
