@@ -49,6 +49,8 @@ def default_config() -> ConfigDict:
       records_dir="", label_start_index=3, fs=0.0,
       tfds_name="", tfds_data_dir="", manual_dir="",
       workers=0,
+      train_fraction=1.0,  # < 1: a seeded, label-stratified fraction of train (label-efficiency curves)
+      fraction_seed=0,
   ))
   config.train = ConfigDict(dict(
       batch_size=64, steps=70_000,
@@ -187,7 +189,8 @@ def settings_from_config(config: ConfigDict) -> FinetuneSettings:
                         original_freeze_quirk=t.original_freeze_quirk, layer_lr_decay=t.layer_lr_decay)
   data = DataConfig(source=d.source, train=d.train, val=d.val, test=d.test, records_dir=d.records_dir,
                     label_start_index=d.label_start_index, fs=d.fs or None, tfds_name=d.tfds_name,
-                    tfds_data_dir=d.tfds_data_dir, manual_dir=d.manual_dir, workers=d.workers)
+                    tfds_data_dir=d.tfds_data_dir, manual_dir=d.manual_dir, workers=d.workers,
+                    train_fraction=float(d.train_fraction), fraction_seed=int(d.fraction_seed))
   evaluation = EvalSettings(e.crop, 1 if e.crop == "first" else _positive("eval.crops", e.crops),
                             e.aggregation, _positive("eval.batch_size", e.batch_size), e.n_boot)
   return FinetuneSettings(

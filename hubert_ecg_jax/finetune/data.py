@@ -52,8 +52,12 @@ class DataConfig:
   tfds_data_dir: str = ""  # tfds: where TFDS keeps prepared datasets ("" = its default)
   manual_dir: str = ""  # tfds: the downloaded dataset (PTB-XL folder, records + labels.csv)
   workers: int = 0  # split_csv: processes preparing records (0 = all cores)
+  train_fraction: float = 1.0  # < 1: train on a seeded, label-stratified fraction (finetune.fraction)
+  fraction_seed: int = 0  # the seed of that fraction
 
   def __post_init__(self) -> None:
+    if not 0.0 < self.train_fraction <= 1.0:
+      raise ValueError(f"data.train_fraction must lie in (0, 1], found {self.train_fraction}")
     if self.source not in SOURCES:
       raise ValueError(f"data.source must be one of {SOURCES}, found {self.source!r}")
     missing = [name for name in ("train", "val") if not getattr(self, name)]

@@ -34,6 +34,7 @@ from hubert_ecg_jax.config import HubertECGConfig
 from hubert_ecg_jax.finetune import losses
 from hubert_ecg_jax.finetune.config import FinetuneSettings
 from hubert_ecg_jax.finetune.data import read_labels, resolve_splits
+from hubert_ecg_jax.finetune.fraction import subset_training_split
 from hubert_ecg_jax.finetune.freezing import finetune_optimizer
 from hubert_ecg_jax.finetune.step import DataParallelTrainer, make_train_step
 from hubert_ecg_jax.finetune.tasks import Task, task_from_dataset
@@ -122,6 +123,11 @@ def prepare(settings: FinetuneSettings, workdir: pathlib.Path) -> Prepared:
     raise ValueError(f"the training data {splits['train']} holds no records")
   task = task_from_dataset(settings.task_kind, names, labels, settings.task_columns)
   notes = []
+  if settings.data.train_fraction < 1.0:
+    splits["train"], labels, note = subset_training_split(
+        splits["train"], task, labels, names, settings.data.train_fraction,
+        settings.data.fraction_seed, workdir)
+    notes.append(note)
   targets = task.targets(labels, names)
   if task.kind == "multi_label":
     empty = targets.sum(axis=0) == 0
