@@ -30,6 +30,24 @@ def test_shipped_tables_are_the_reference_tables():
     assert snomed.table_path(name).read_text() == (REFERENCE / name).read_text()
 
 
+def test_ptbxl_statements_are_named_from_scp_statements(tmp_path):
+  # The first lines of PTB-XL 1.0.3's scp_statements.csv (columns cut after diagnostic_class).
+  (tmp_path / "ptbxl").mkdir()
+  (tmp_path / "ptbxl" / "scp_statements.csv").write_text(
+      ",description,diagnostic,form,rhythm,diagnostic_class\n"
+      "NDT,non-diagnostic T abnormalities,1.0,1.0,,STTC\n"
+      "NST_,non-specific ST changes,1.0,1.0,,STTC\n"
+      "IMI,inferior myocardial infarction,1.0,,,MI\n")
+  descriptions = snomed.ptbxl_descriptions(tmp_path)  # found one folder down
+  assert descriptions["IMI"] == "inferior myocardial infarction"
+  assert snomed.display_name("STTC", descriptions) == "ST/T change"
+  assert snomed.label_table(["IMI", "X"], descriptions) == [
+      {"label": "IMI", "abbreviation": "IMI", "name": "inferior myocardial infarction"},
+      {"label": "X", "abbreviation": "", "name": ""}]
+  assert snomed.resolve_label("inferior myocardial infarction", ["NDT", "IMI"], descriptions) == 1
+  assert snomed.ptbxl_descriptions(tmp_path / "ptbxl" / "missing") == {}
+
+
 def test_resolve_label_by_code_abbreviation_or_name():
   labels = [NSR, AF, "59118001"]
   assert snomed.resolve_label("AF", labels) == 1

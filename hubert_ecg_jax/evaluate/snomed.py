@@ -5,6 +5,8 @@ The tables ship in `hubert_ecg_jax/evaluate/cinc2021/` (the challenge's `dx_mapp
 that is not a known code (a PTB-XL statement, a CSV column) keeps its own name unless `descriptions`
 (e.g. PTB-XL's scp_statements.csv descriptions) names it. Codes the challenge scores as one diagnosis
 (`a|b` in weights.csv, e.g. RBBB 713427006|59118001) can be merged into one column (`merge_equivalent`).
+PTB-XL statements are named by the `description` column of the dataset's own scp_statements.csv
+(`ptbxl_descriptions`), its five diagnostic superclasses as the PTB-XL paper names them.
 """
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ import csv
 import dataclasses
 import functools
 import importlib.resources
+import os
+import pathlib
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -21,6 +25,9 @@ SCORED_TABLE = "dx_mapping_scored.csv"
 UNSCORED_TABLE = "dx_mapping_unscored.csv"
 WEIGHTS_TABLE = "weights.csv"
 SEPARATOR = "|"  # joins codes scored as one diagnosis, as weights.csv does
+# PTB-XL's diagnostic superclasses (Wagner et al., Scientific Data 2020), the superdiag task's labels.
+PTBXL_SUPERCLASSES = {"NORM": "normal ECG", "MI": "myocardial infarction", "STTC": "ST/T change",
+                      "CD": "conduction disturbance", "HYP": "hypertrophy"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +86,25 @@ def describe(label: str, descriptions: Mapping[str, str] | None = None) -> Findi
   return Finding(label, " / ".join(dict.fromkeys(p.name for p in parts)),
                  SEPARATOR.join(dict.fromkeys(p.abbreviation for p in parts)),
                  any(p.scored for p in parts))
+
+
+def ptbxl_descriptions(folder: str | os.PathLike) -> dict[str, str]:
+  """PTB-XL statement code -> description, from scp_statements.csv in `folder` (or a folder in it),
+  plus the superclass names; {} when the folder holds no scp_statements.csv."""
+  if not folder:
+    return {}
+  candidates = [pathlib.Path(folder) / "scp_statements.csv"] + sorted(
+      pathlib.Path(folder).glob("*/scp_statements.csv"))
+  path = next((candidate for candidate in candidates if candidate.is_file()), None)
+  if path is None:
+    return {}
+  with path.open(newline="") as stream:
+    rows = list(csv.reader(stream))
+  if not rows or "description" not in rows[0]:
+    raise ValueError(f"{path}: expected PTB-XL's scp_statements.csv with a description column, "
+                     f"found columns {rows[0] if rows else []}")
+  column = rows[0].index("description")
+  return {**PTBXL_SUPERCLASSES, **{row[0]: row[column] for row in rows[1:] if row and row[column]}}
 
 
 def display_name(label: str, descriptions: Mapping[str, str] | None = None) -> str:

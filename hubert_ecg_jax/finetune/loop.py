@@ -204,6 +204,7 @@ def save_classifier(directory: pathlib.Path, prepared: Prepared, settings: Finet
   """Saves the classifier with its metadata; multi-label thresholds are tuned on `validation`."""
   from hubert_ecg_jax.evaluate import tune_thresholds
   from hubert_ecg_jax.hub import model_source
+  from hubert_ecg_jax.evaluate.snomed import ptbxl_descriptions
 
   thresholds, tuning = None, None
   if prepared.task.kind == "multi_label":
@@ -218,6 +219,8 @@ def save_classifier(directory: pathlib.Path, prepared: Prepared, settings: Finet
       mode=settings.mode, loss_weights=[float(w) for w in prepared.loss_weights], notes=notes,
       pretrained_source=(model_source(settings.model.pretrained)
                          if settings.model.init == "pretrained" else None),
+      label_descriptions=(ptbxl_descriptions(settings.data.manual_dir) or None
+                          if settings.data.tfds_name.startswith("ptb_xl") else None),
       training_config=settings.raw)
   host = jax.tree.map(lambda a: np.asarray(a, np.float32), params)
   return save_model(directory, prepared.config, host, metadata, overwrite=True)
