@@ -3,6 +3,9 @@ on a fraction through the console command."""
 from __future__ import annotations
 
 import json
+import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -13,6 +16,8 @@ from hubert_ecg_jax.finetune.data import read_labels
 from hubert_ecg_jax.finetune.fraction import stratified_fraction
 from hubert_ecg_jax.plots import plot_label_efficiency
 from test_finetune import write_synthetic_split
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("fraction", [0.1, 0.25, 0.5])
@@ -54,23 +59,33 @@ def test_fraction_is_seeded_and_handles_unlabelled_records():
 
 
 def test_linear_probe_on_a_fraction_and_the_curve(tmp_path):
+  """The README recipe on synthetic records: probes on 25% and 100% of the labels, then the plot."""
   train = write_synthetic_split(tmp_path / "train", 48, 11)
   val = write_synthetic_split(tmp_path / "val", 16, 12)
-  scores = []
+  test = write_synthetic_split(tmp_path / "test", 16, 13)
   for fraction in (0.25, 1.0):
     workdir = tmp_path / f"probe_{fraction:g}"
-    assert cli.main(["finetune", "configs/finetune_demo.py", str(workdir), "--no-test",
+    assert cli.main(["finetune", "configs/finetune_demo.py", str(workdir),
                      "--config.mode=linear_probe", "--config.task.kind=multi_class",
                      f"--config.data.train={train}", f"--config.data.val={val}",
+                     f"--config.data.test={test}", "--config.eval.n_boot=0",
                      f"--config.data.train_fraction={fraction}", "--config.data.fraction_seed=5",
                      "--config.probe.c_values=(1.0,)", "--config.train.progress=false"]) == 0
     metadata = json.loads((workdir / "best_model" / "metadata.json").read_text())
     assert metadata["training_config"]["data"]["train_fraction"] == fraction
-    scores.append(metadata["validation"]["macro_auroc"])
   subset = tmp_path / "probe_0.25" / "data" / "train_fraction-0.25-seed5"
   _, labels, _ = read_labels(subset)
   np.testing.assert_array_equal(labels.sum(axis=0), [3, 3, 3, 3])  # 12 of 48, 3 per class
   assert any("training on 12 of 48 records" in note for note in json.loads(
       (tmp_path / "probe_0.25" / "best_model" / "metadata.json").read_text())["notes"])
-  path = plot_label_efficiency([0.25, 1.0], [scores], tmp_path / "curve.png", ["linear probe"])
-  assert path.stat().st_size > 10_000
+  curve = tmp_path / "curve.png"
+  done = subprocess.run([sys.executable, str(REPO / "tools" / "plot_label_efficiency.py"),
+                         str(tmp_path / "probe_0.25"), str(tmp_path / "probe_1"), "--out", str(curve)],
+                        capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr
+  header, row = done.stdout.splitlines()[:2]
+  assert header.split()[1:] == ["25%", "100%"] and row.split()[0] == "linear_probe"
+  assert all(0.0 <= float(value) <= 1.0 for value in row.split()[1:])
+  assert curve.stat().st_size > 10_000
+  with pytest.raises(ValueError, match="expected fractions"):
+    plot_label_efficiency([0.25, 1.0], [[0.5]], tmp_path / "bad.png")
