@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import pathlib
+import textwrap
 from typing import Any, Sequence
 
 import numpy as np
@@ -32,6 +33,7 @@ _PAPER_TOP_MM = 6.0  # headroom above the first row for tall R waves
 _CALIBRATION_MM = 10.0  # left margin holding the 1 mV calibration pulse
 _HEADER_MM, _FOOTER_MM, _SIDE_MM = 20.0, 8.0, 6.0
 _MM_PER_INCH = 25.4
+HEAT_SATURATION_PERCENTILE = 99.0
 
 
 def _save(figure: Figure, path: str | pathlib.Path, dpi: int) -> pathlib.Path:
@@ -165,7 +167,8 @@ def plot_ecg(signal: Any, fs: float, path: str | pathlib.Path,
   next row. `findings` (label, probability) pairs are printed at the top, the most probable first.
   `heat` (12, m) >= 0 at `heat_fs` Hz, rows in STANDARD_LEADS order (e.g.
   `attributions.record_heat`), is drawn as a red band under each lead's trace, darker where larger
-  (one colour scale over all leads), and `heat_label` says what it is.
+  (one colour scale over all leads, saturating at its 99th percentile so that a few sharp peaks do
+  not hide the rest), and `heat_label` says what it is.
   """
   signal = np.asarray(signal, dtype=np.float64)
   if signal.ndim != 2 or signal.shape[0] != 12 or signal.shape[1] < 8:
@@ -177,6 +180,7 @@ def plot_ecg(signal: Any, fs: float, path: str | pathlib.Path,
     raise ValueError(f"expected 12 lead names, found {len(lead_names)}")
   leads = _lead_indices(lead_names)
   heat = _checked_heat(heat)
+  heat_scale = _heat_scale(heat) if heat is not None else 0.0
   ranked = _ranked_findings(findings, max_findings)
   duration_s = signal.shape[1] / fs
   window = min(signal.shape[1], int(round(MAX_WINDOW_S * fs)))
@@ -201,7 +205,7 @@ def plot_ecg(signal: Any, fs: float, path: str | pathlib.Path,
         start, stop, x_start = column * column_samples, (column + 1) * column_samples, column * column_mm
       if heat is not None:
         _draw_heat(axes, heat[STANDARD_LEADS.index(lead)], heat_fs, start / fs, stop / fs, x_start,
-                   baseline, float(heat.max()))
+                   baseline, heat_scale)
       _draw_trace(axes, signal[leads[lead], start:stop], fs, x_start, baseline)
       axes.text(x_start + 1.5, baseline + 0.38 * _ROW_HEIGHT_MM, lead, fontsize=9,
                 fontweight="bold", va="center")
@@ -211,7 +215,12 @@ def plot_ecg(signal: Any, fs: float, path: str | pathlib.Path,
   figure.text(_SIDE_MM / figure_width, header_top, title or "12-lead ECG", fontsize=12,
               fontweight="bold", va="top")
   if ranked:
-    text = "Top findings:  " + "   ".join(f"{label} {probability:.2f}" for label, probability in ranked)
+    # Two lines when the names are long (about 2.1 mm per character at 10 pt), broken only between
+    # findings: no-break spaces inside each one (textwrap breaks at ASCII whitespace only).
+    items = [f"{label} {probability:.2f}".replace(" ", "\u00a0") for label, probability in ranked]
+    text = "\n".join(textwrap.wrap("Top findings:  " + "   ".join(items),
+                                    int((figure_width - 2 * _SIDE_MM) / 2.1), max_lines=2,
+                                    break_long_words=False, placeholder=" ..."))
     figure.text(_SIDE_MM / figure_width, header_top - 7 / figure_height, text, fontsize=10, va="top",
                 color="darkred")
   if heat_label:
@@ -235,10 +244,16 @@ def _checked_heat(heat: Any) -> np.ndarray | None:
   return heat
 
 
+def _heat_scale(heat: np.ndarray) -> float:
+  """Where the colour saturates: the 99th percentile of the heat, or its maximum if that is 0."""
+  scale = float(np.percentile(heat, HEAT_SATURATION_PERCENTILE))
+  return scale if scale > 0 else float(heat.max())
+
+
 def _draw_heat(axes, row: np.ndarray, heat_fs: float, start_s: float, stop_s: float,
                x_start_mm: float, baseline_mm: float, top: float) -> None:
   """The heat of one lead between start_s and stop_s as a band under its trace (transparent at 0)."""
-  part = row[int(start_s * heat_fs):int(np.ceil(stop_s * heat_fs))]
+  part = np.minimum(row[int(start_s * heat_fs):int(np.ceil(stop_s * heat_fs))], top)
   if len(part) == 0 or top <= 0:
     return
   width_mm = len(part) / heat_fs * PAPER_SPEED_MM_PER_S
