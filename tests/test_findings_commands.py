@@ -5,15 +5,21 @@ from __future__ import annotations
 import csv
 import json
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from matplotlib import image as mpimg
 
 from hubert_ecg_jax import cli
+from hubert_ecg_jax.checkpoint import save_model
+from hubert_ecg_jax.classifier import HubertECGForClassification
+from hubert_ecg_jax.config import HubertECGConfig
 from hubert_ecg_jax.data.preprocess import STANDARD_LEADS
 from hubert_ecg_jax.data.readers import read_record
 from hubert_ecg_jax.evaluate import snomed
-from hubert_ecg_jax.inference import load_classifier
+from hubert_ecg_jax.finetune.tasks import Task
+from hubert_ecg_jax.inference import classifier_metadata, load_classifier
 from test_inference_commands import run  # noqa: F401  (the fine-tuned tiny model, a fixture)
 
 PRESENT = ("I", "II", "V1", "V2", "V3", "V4", "V5", "V6")
@@ -102,3 +108,27 @@ def test_evaluate_names_findings_scores_the_challenge_and_takes_lead_subsets(run
   two_scores = np.array([[float(v) for v in list(row.values())[1:]]
                          for row in csv.DictReader((two / "predictions.csv").open())])
   assert not np.allclose(full_scores, two_scores)  # the zeroed leads change what the model sees
+
+
+def test_predict_merges_the_codes_scored_as_one(sample_data_dir, tmp_path):
+  labels = ("713427006", "426783006", "59118001")  # complete RBBB, sinus rhythm, RBBB
+  config = HubertECGConfig.preset("tiny")
+  params = HubertECGForClassification(config, len(labels)).init(
+      {"params": jax.random.key(0)}, jnp.zeros((1, 6000)))["params"]
+  save_model(tmp_path / "classifier", config, params, metadata=classifier_metadata(
+      Task("multi_label", labels, labels), None, 0.1, thresholds=[0.0, 1.0, 1.0]))
+  record = sorted(sample_data_dir.glob("*.hea"))[0]
+  outputs = {}
+  for merge in (False, True):
+    out = tmp_path / f"merged_{merge}"
+    assert cli.main(["predict", str(tmp_path / "classifier"), str(record), "--out", str(out), "--quiet"]
+                    + ["--merge-equivalent"] * merge) == 0
+    outputs[merge] = json.loads((out / "predictions.json").read_text())
+  separate, merged = (outputs[m]["records"][0] for m in (False, True))
+  assert [row["label"] for row in outputs[True]["labels"]] == ["713427006|59118001", "426783006"]
+  assert merged["probabilities"]["713427006|59118001"] == max(
+      separate["probabilities"]["713427006"], separate["probabilities"]["59118001"])
+  # 713427006 reaches its threshold 0 (59118001 and sinus rhythm never reach 1): RBBB is found.
+  assert separate["findings"] == ["713427006"] and merged["findings"] == ["713427006|59118001"]
+  assert merged["finding_names"] == ["complete right bundle branch block / right bundle branch "
+                                     "block (CRBBB|RBBB)"]

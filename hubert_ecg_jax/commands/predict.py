@@ -51,6 +51,10 @@ def register(subparsers: Any) -> None:
   p.add_argument("--top", type=int, default=5, help="findings shown per record (default 5)")
   p.add_argument("--batch-size", type=int, default=64, help="windows per device pass (default 64)")
   p.add_argument("--seed", type=int, default=0, help="seed of random crops")
+  p.add_argument("--merge-equivalent", action="store_true",
+                 help="report the codes the CinC 2021 challenge scores as one diagnosis (e.g. RBBB "
+                 "713427006|59118001) as one finding: its probability the highest of its codes, found "
+                 "when any of them reaches its threshold")
   p.add_argument("--explain", metavar="FINDING",
                  help="attributions of this finding (code, abbreviation or name) for every record: "
                  "saved under attributions/, summarised per lead in predictions.json, drawn with --plot")
@@ -76,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
   from hubert_ecg_jax.commands.evaluate import output_directory
   from hubert_ecg_jax.data.preprocess import STANDARD_LEADS, missing_standard_leads, reorder_leads
   from hubert_ecg_jax.evaluate import aggregate_crops
-  from hubert_ecg_jax.evaluate.snomed import display_name, label_table
+  from hubert_ecg_jax.evaluate.snomed import display_name, label_table, merge_equivalent
   from hubert_ecg_jax.hub import model_source
   from hubert_ecg_jax.inference import (BatchRunner, classifier_logits_fn, list_input_files,
                                         load_classifier, run_on_files)
@@ -86,10 +90,13 @@ def run(args: argparse.Namespace) -> int:
   task = classifier.task
   names = list(task.output_names)
   descriptions = classifier.metadata.get("label_descriptions")
-  readable = {name: display_name(name, descriptions) for name in names}
   explainer = _Explainer(classifier, args) if args.explain else None
   thresholds = (classifier.thresholds if classifier.thresholds is not None
                 else np.full(len(names), 0.5))
+  if args.merge_equivalent and task.kind != "multi_label":
+    raise ValueError(f"--merge-equivalent merges multi-label outputs, this model is {task.kind}")
+  shown = merge_equivalent(None, np.zeros((1, len(names))), names)[2] if args.merge_equivalent else names
+  readable = {name: display_name(name, descriptions) for name in shown}
   files = list_input_files(args.inputs, [e.strip() for e in args.extensions.split(",") if e.strip()])
   failures: list[dict[str, str]] = []
 
@@ -106,19 +113,23 @@ def run(args: argparse.Namespace) -> int:
       how = args.aggregation if task.kind != "regression" else "mean"
       scores = aggregate_crops(task.probabilities(result.outputs)[None], how)[0]  # (outputs,)
       if task.kind == "multi_label":
-        findings = [name for name, s, t in zip(names, scores, thresholds) if s >= t]
+        decided = scores >= thresholds  # (outputs,) each code at its own threshold
+        if args.merge_equivalent:  # a merged diagnosis: any of its codes, at the highest probability
+          merged, merged_scores, _ = merge_equivalent(decided[None], scores[None], names)
+          decided, scores = merged[0], merged_scores[0]
+        findings = [name for name, positive in zip(shown, decided) if positive]
       elif task.kind == "multi_class":
         findings = [names[int(np.argmax(scores))]]
       else:
         findings = []
       order = np.argsort(-scores, kind="stable")[:args.top]
-      top = [(names[i], float(scores[i])) for i in order] if task.kind != "regression" else []
+      top = [(shown[i], float(scores[i])) for i in order] if task.kind != "regression" else []
       record = result.record
       entry = {"record_id": result.record_id, "source": result.source,
                "duration_s": round(record.signal.shape[1] / record.fs, 3),
                "windows": len(result.offsets), "window_offsets_500hz": result.offsets.tolist(),
                "probabilities" if task.kind != "regression" else "values":
-                   {name: float(s) for name, s in zip(names, scores)},
+                   {name: float(s) for name, s in zip(shown, scores)},
                "findings": findings, "finding_names": [readable[name] for name in findings],
                "top": top, "missing_leads": missing_standard_leads(record.lead_names)}
       heat = explainer.explain(result, entry, staging) if explainer else None
@@ -140,15 +151,15 @@ def run(args: argparse.Namespace) -> int:
     key = "probabilities" if task.kind != "regression" else "values"
     with (staging / "predictions.csv").open("w", newline="") as stream:
       writer = csv.writer(stream)
-      writer.writerow(["record_id", "source", "duration_s", "windows"] + names
+      writer.writerow(["record_id", "source", "duration_s", "windows"] + shown
                       + ["findings", "finding_names", "missing_leads"])
       for entry in records:
         writer.writerow([entry["record_id"], entry["source"], entry["duration_s"], entry["windows"]]
-                        + [f"{entry[key][name]:.6g}" for name in names]
+                        + [f"{entry[key][name]:.6g}" for name in shown]
                         + [";".join(entry[field]) for field in ("findings", "finding_names",
                                                                 "missing_leads")])
     document = {"model": str(args.model), "model_source": source, "task": task.kind,
-                "labels": label_table(names, descriptions), "crop": args.crop,
+                "labels": label_table(shown, descriptions), "crop": args.crop,
                 "aggregation": args.aggregation,
                 "thresholds": ({n: float(t) for n, t in zip(names, thresholds)}
                                if task.kind == "multi_label" else None),
