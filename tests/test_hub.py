@@ -102,3 +102,10 @@ def test_convert_by_hub_id_records_the_commit(hf_home, tmp_path):
   metadata = json.loads((out / "metadata.json").read_text())
   assert metadata["source"] == f"{REPO_ID}@v0"
   assert metadata["resolved"]["commit"] == TAGGED and metadata["resolved"]["repo_id"] == REPO_ID
+  ecg = pathlib.Path(__file__).resolve().parent / "data" / "cinc2021" / "E07500.hea"
+  done = subprocess.run([sys.executable, "-m", "hubert_ecg_jax.cli", "embed", REPO_ID, str(ecg),
+                         "--out", str(tmp_path / "emb.npy"), "--quiet"], env=env, capture_output=True,
+                        text=True, timeout=300)
+  assert done.returncode == 0, done.stderr
+  assert f"model {REPO_ID} at commit {MAIN}" in done.stdout
+  assert np.load(tmp_path / "emb.npy").shape == (1, 32)

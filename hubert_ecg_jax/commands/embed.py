@@ -69,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
 
   from hubert_ecg_jax.data.preprocess import missing_standard_leads
   from hubert_ecg_jax.data.records import MANIFEST_NAME
+  from hubert_ecg_jax.hub import model_source
   from hubert_ecg_jax.inference import (BatchRunner, embedding_fn, list_input_files, load_backbone,
                                         run_on_files, run_on_records_dir)
 
@@ -81,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
       raise FileExistsError(f"{path} already exists: choose another --out or pass --overwrite")
   if args.pool == "none" and args.crop != "first":
     raise ValueError("--pool none keeps every frame of one window: use it with --crop first")
-  config, backbone = load_backbone(args.model, args.compute_dtype)
+  source = model_source(args.model)
+  config, backbone = load_backbone(source["path"], args.compute_dtype)
   runner = BatchRunner(embedding_fn(config, args.layer, args.pool), args.batch_size)
   data = pathlib.Path(args.data)
   if (data / MANIFEST_NAME).is_file():
@@ -123,5 +125,6 @@ def run(args: argparse.Namespace) -> int:
   _atomic_write(index_path, write_index)
   layer = config.num_hidden_layers if args.layer is None else args.layer
   print(f"{embeddings.shape[0]} embeddings of shape {embeddings.shape[1:]} (layer {layer}, pool "
-        f"{args.pool}) -> {out}, index {index_path}")
+        f"{args.pool}) -> {out}, index {index_path}"
+        + (f"; model {source['repo_id']} at commit {source['commit']}" if "commit" in source else ""))
   return 0
