@@ -103,7 +103,8 @@ def test_heat_is_drawn_under_the_traces(sample_data_dir, tmp_path):
   # 1 s of lead II in the grid and in the rhythm strip: two bands of about 150 x 140 pixels at
   # 150 dpi, where the paper turns red (less green and blue than red).
   changed = np.abs(heated_pixels - plain_pixels)[..., :3].max(axis=2) > 0.1
-  redder = (heated_pixels[..., 0] - heated_pixels[..., 1]) - (plain_pixels[..., 0] - plain_pixels[..., 1])
+  redness = lambda image: image[..., 0] - image[..., 1]  # noqa: E731
+  redder = redness(heated_pixels) - redness(plain_pixels)
   assert changed.sum() > 20_000 and (redder[changed] > 0).mean() > 0.9
   np.testing.assert_array_equal(mpimg.imread(cold), plain_pixels)  # no heat, nothing drawn
   with pytest.raises(ValueError, match="expected heat of shape"):

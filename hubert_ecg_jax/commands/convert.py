@@ -27,8 +27,9 @@ def run(args: argparse.Namespace) -> int:
   config, params, heads = load_pretrained_with_heads(source["path"])
   tree = {"hubert_ecg": params, **heads} if heads else params
   count = sum(v.size for v in _leaves(tree))
-  save_model(args.dst, config, tree, metadata={"source": str(args.src), "parameters": int(count),
-                                               "classifier_head": bool(heads), "resolved": source}, overwrite=args.overwrite)
+  metadata = {"source": str(args.src), "parameters": int(count), "classifier_head": bool(heads),
+              "resolved": source}
+  save_model(args.dst, config, tree, metadata=metadata, overwrite=args.overwrite)
   print(f"converted {args.src} -> {args.dst}: hidden {config.hidden_size}, "
         f"{config.num_hidden_layers} layers, vocab {list(config.vocab_sizes)}, "
         f"{count / 1e6:.1f}M parameters{' + classifier head' if heads else ''}")

@@ -129,7 +129,7 @@ Outputs under {out}/:
   features/, kmeans/   iteration-1 features, k-means (kmeans/summary.json)
   records_targets/     records with k-means units   pretrain/         checkpoints, tensorboard/, model/
   finetune/            best_model/, tensorboard/    evaluation/       metrics.json, metrics.csv, ROC and AUROC plots
-  prediction/          predictions.csv and the plotted ECG (synthetic data: with the attribution heat of AF)
+  prediction/          predictions.csv and the plotted ECG (with the attribution heat of AF)
 
 Try next:
   tensorboard --logdir {out}                                    # training curves

@@ -131,9 +131,8 @@ def evaluate_classifier(model_path: str | os.PathLike, data_dir: str | os.PathLi
         one_vs_rest, scores, names = snomed.merge_equivalent(one_vs_rest, scores, names)
         thresholds = None
         summary["merged_equivalent_codes"] = [name for name in names if snomed.SEPARATOR in name]
-      findings = {row["label"]: (row["abbreviation"], row["name"])
-                  for row in snomed.label_table(names, descriptions)}
       summary["labels"] = snomed.label_table(names, descriptions)
+      findings = {row["label"]: (row["abbreviation"], row["name"]) for row in summary["labels"]}
       evaluation = evaluate_multilabel(one_vs_rest, scores, names, thresholds=thresholds,
                                        n_boot=n_boot, seed=seed)
       summary["evaluation"] = evaluation.to_dict()

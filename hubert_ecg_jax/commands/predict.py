@@ -185,7 +185,8 @@ class _Explainer:
     descriptions = classifier.metadata.get("label_descriptions")
     self.index = resolve_label(args.explain, names, descriptions)
     self.finding = names[self.index]
-    self.method, self.steps, self.missing_leads = args.explain_method, args.explain_steps, args.missing_leads
+    self.method, self.steps = args.explain_method, args.explain_steps
+    self.missing_leads = args.missing_leads
     attribute = attribution_fn(classifier.model, self.index, self.method, self.steps)
     self.runner = BatchRunner(lambda p, x, m: attribute(p, x, m, 0.0 * x),
                               min(args.batch_size, 16))

@@ -30,7 +30,7 @@ def default_config() -> ConfigDict:
   config.mode = "finetune"  # "linear_probe": frozen backbone, embeddings once, logistic regression
   config.model = ConfigDict(dict(
       init="pretrained",  # "pretrained": weights from `pretrained`; "scratch": random init of `size`
-      pretrained="",  # HF directory, original .pt, a model directory of ours, or a Hub id (ORG/NAME[@REV])
+      pretrained="",  # HF directory, original .pt, a model directory of ours, or a Hub id ORG/NAME[@REV]
       size="small",  # scratch: tiny, small, base, large
       compute_dtype="float32",  # "bfloat16": bf16 products, float32 params (faster)
       hidden_dropout=0.0, activation_dropout=0.0, feat_proj_dropout=0.0,  # finetune.sh: 0

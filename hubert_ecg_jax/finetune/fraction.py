@@ -1,4 +1,4 @@
-"""Label-efficiency runs: fine-tune or probe on a seeded, label-stratified fraction of the training split.
+"""Label-efficiency runs: fine-tuning or probing on a seeded, label-stratified fraction of the training set.
 
 `--config.data.train_fraction=0.1 --config.data.fraction_seed=0` trains on about a tenth of the
 training records, chosen by `stratified_fraction` so that every label keeps about a tenth of its
