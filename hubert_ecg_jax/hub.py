@@ -67,14 +67,15 @@ def _snapshot(repo_id: str, revision: str | None, asked: str) -> pathlib.Path:
 
 
 def model_source(path_or_id: str | os.PathLike, revision: str | None = None) -> dict[str, str]:
-  """{'path': local path} or {'repo_id', 'revision', 'commit', 'path'} for a model from the Hub."""
+  """{'path': local path} or {'repo_id', 'revision', 'commit', 'path'} for a model from the Hub
+  (a snapshot folder of the Hub cache given as a path: no revision)."""
   resolved = resolve_model(path_or_id, revision)
   source = {"path": str(resolved)}
   folder = resolved if resolved.is_dir() else resolved.parent
   cache_entry = folder.parent.parent.name  # models--ORG--NAME/snapshots/COMMIT
   if folder.parent.name == "snapshots" and cache_entry.startswith("models--"):
-    parsed = parse_hub_id(str(path_or_id))
-    source.update(repo_id=cache_entry[len("models--"):].replace("--", "/"),
-                  revision=(revision or (parsed[1] if parsed else None) or "main"),
-                  commit=folder.name)
+    source.update(repo_id=cache_entry[len("models--"):].replace("--", "/"), commit=folder.name)
+    parsed = parse_hub_id(str(path_or_id)) if not pathlib.Path(path_or_id).exists() else None
+    if revision or parsed:  # asked by Hub id (not by the snapshot's path)
+      source["revision"] = revision or parsed[1] or "main"
   return source

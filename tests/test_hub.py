@@ -73,6 +73,8 @@ def test_load_pretrained_by_hub_id_and_revision(offline_cache):
   assert _leaves_equal(load_pretrained(f"{REPO_ID}@{TAGGED}")[1], tagged_params)
   assert hub.model_source(f"{REPO_ID}@v0") == {
       "path": str(snapshots / TAGGED), "repo_id": REPO_ID, "revision": "v0", "commit": TAGGED}
+  assert hub.model_source(snapshots / MAIN) == {  # a snapshot by path: the commit, no revision
+      "path": str(snapshots / MAIN), "repo_id": REPO_ID, "commit": MAIN}
 
 
 def test_a_local_path_wins_over_a_hub_id(offline_cache, tmp_path, monkeypatch):
