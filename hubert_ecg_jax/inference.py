@@ -19,13 +19,14 @@ from hubert_ecg_jax import model_dir
 from hubert_ecg_jax.classifier import HubertECGForClassification, masked_mean
 from hubert_ecg_jax.config import HubertECGConfig
 from hubert_ecg_jax.data.pipeline import PipelineConfig, make_eval_iterator
-from hubert_ecg_jax.data.preprocess import (WINDOW_SAMPLES, crop_offsets, crop_window, model_inputs,
-                                            prepare_record)
+from hubert_ecg_jax.data.preprocess import (WINDOW_SAMPLES, crop_offsets, crop_window,
+                                            missing_standard_leads, model_inputs, prepare_record)
 from hubert_ecg_jax.data.readers import (HDF5_EXTENSIONS, find_hdf5_files, find_records,
                                          read_code15_hdf5, read_record)
 from hubert_ecg_jax.data.records import MANIFEST_NAME, read_manifest
 from hubert_ecg_jax.files import atomic_path
 from hubert_ecg_jax.finetune.tasks import Task
+from hubert_ecg_jax.hub import model_source, resolve_model
 from hubert_ecg_jax.layers import cast_kernels
 from hubert_ecg_jax.model import HubertECG
 from hubert_ecg_jax.parallel import BatchRunner
@@ -80,7 +81,7 @@ def load_classifier(path: str | pathlib.Path, compute_dtype: str | None = None) 
 
 
 def _load_classifier(path: str | pathlib.Path) -> Classifier:
-  path = pathlib.Path(path)
+  path = resolve_model(path)
   if model_dir.is_model_dir(path):
     config, params, metadata = model_dir.load_model(path)
     if metadata.get("format") != CLASSIFIER_FORMAT:
@@ -200,18 +201,19 @@ def read_file_records(path: pathlib.Path, fs: float | None = None) -> Iterator[A
 
 def run_on_files(runner: BatchRunner, params: Any, files: Sequence[pathlib.Path], crop: str,
                  n_crops: int = 1, fs: float | None = None, seed: int = 0, group_size: int = 32,
-                 on_error: Callable[[str, str], None] | None = None, progress: bool = True
-                 ) -> Iterator[FileResult]:
+                 on_error: Callable[[str, str], None] | None = None, progress: bool = True,
+                 missing_leads: str = "refuse") -> Iterator[FileResult]:
   """Reads, prepares, crops and runs every record of `files`, `group_size` records per device pass.
 
   A record that cannot be read or prepared is passed to `on_error(source, reason)` and skipped
-  (without `on_error` the error is raised).
+  (without `on_error` the error is raised). `missing_leads` is `prepare_record`'s.
   """
   def prepared_records() -> Iterator[tuple[Any, str, np.ndarray, np.ndarray, np.ndarray]]:
     for index, path in enumerate(progress_bar(files, desc="records", unit="file", disable=not progress)):
       try:
         for number, record in enumerate(read_file_records(path, fs)):
-          prepared = prepare_record(record.signal, record.fs, lead_names=record.lead_names)
+          prepared = prepare_record(record.signal, record.fs, lead_names=record.lead_names,
+                                    missing_leads=missing_leads)
           rng = np.random.default_rng([seed, index, number])
           offsets = window_offsets(prepared.shape[1], crop, n_crops, rng)
           x, mask = record_windows(prepared, offsets)
@@ -282,10 +284,12 @@ def embed_to_file(model: str | pathlib.Path, data: str | pathlib.Path, out: str 
                   layer: int | None = None, pool: str = "mean", crop: str = "first",
                   crops: int = 2, fs: float | None = None,
                   extensions: Sequence[str] = (".hea", ".npy"), batch_size: int = 64,
-                  overwrite: bool = False, progress: bool = True,
-                  compute_dtype: str | None = None) -> tuple[tuple[int, ...], int, pathlib.Path]:
+                  overwrite: bool = False, progress: bool = True, compute_dtype: str | None = None,
+                  missing_leads: str = "refuse"
+                  ) -> tuple[tuple[int, ...], int, pathlib.Path, dict[str, str]]:
   """Embeddings of a records directory or ECG files to `out` (.npy) and `out.index.csv` (row,
-  record_id, source), both atomically: `hubert-ecg-jax embed`. Returns (shape, layer, index path)."""
+  record_id, source, leads entered as zeros), both atomically: `hubert-ecg-jax embed`. Returns
+  (shape, layer, index path, the model's source: `hub.model_source`)."""
   out = pathlib.Path(out)
   if out.suffix != ".npy":
     raise ValueError(f"--out must name a .npy file, found {out}")
@@ -295,7 +299,8 @@ def embed_to_file(model: str | pathlib.Path, data: str | pathlib.Path, out: str 
       raise FileExistsError(f"{path} already exists: choose another --out or pass --overwrite")
   if pool == "none" and crop != "first":
     raise ValueError("--pool none keeps every frame of one window: use it with --crop first")
-  config, backbone = load_backbone(model, compute_dtype)
+  origin = model_source(model)
+  config, backbone = load_backbone(origin["path"], compute_dtype)
   runner = BatchRunner(embedding_fn(config, layer, pool), batch_size)
   data = pathlib.Path(data)
   if (data / MANIFEST_NAME).is_file():
@@ -304,18 +309,21 @@ def embed_to_file(model: str | pathlib.Path, data: str | pathlib.Path, out: str 
     result = run_on_records_dir(runner, backbone, data, crop, crops, progress=progress)
     embeddings, ids = result.outputs.mean(axis=1), result.record_ids
     sources = [str(data)] * len(ids)
+    missing = [[] for _ in ids]  # records directories hold prepared records (see their manifest)
   else:
     files = list_input_files(data, extensions)
 
     def on_error(source: str, reason: str) -> None:
       print(f"skipped {source}: {reason}", file=sys.stderr)
 
-    rows, ids, sources = [], [], []
+    rows, ids, sources, missing = [], [], [], []
     for item in run_on_files(runner, backbone, files, crop, crops, fs,
-                             on_error=on_error if len(files) > 1 else None, progress=progress):
+                             on_error=on_error if len(files) > 1 else None, progress=progress,
+                             missing_leads=missing_leads):
       rows.append(item.outputs.mean(axis=0))
       ids.append(item.record_id)
       sources.append(item.source)
+      missing.append(missing_standard_leads(item.record.lead_names))
     if not rows:
       raise ValueError(f"no record of {data} could be read")
     embeddings = np.stack(rows)
@@ -324,6 +332,8 @@ def embed_to_file(model: str | pathlib.Path, data: str | pathlib.Path, out: str 
     np.save(staging, embeddings)
   with atomic_path(index_path) as staging, staging.open("w", newline="") as stream:
     writer = csv.writer(stream)
-    writer.writerow(["row", "record_id", "source"])
-    writer.writerows([i, record_id, source] for i, (record_id, source) in enumerate(zip(ids, sources)))
-  return embeddings.shape, config.num_hidden_layers if layer is None else layer, index_path
+    writer.writerow(["row", "record_id", "source", "missing_leads"])
+    writer.writerows([i, record_id, source, ";".join(leads)]
+                     for i, (record_id, source, leads) in enumerate(zip(ids, sources, missing)))
+  return (embeddings.shape, config.num_hidden_layers if layer is None else layer, index_path,
+          origin)

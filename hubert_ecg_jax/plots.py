@@ -1,4 +1,5 @@
-"""PNG figures: ROC curves, per-label AUROC with intervals, and a 12-lead ECG on ECG paper.
+"""PNG figures: ROC curves, per-label AUROC with intervals, a 12-lead ECG on ECG paper (optionally with
+attribution heat under the traces) and label-efficiency curves.
 
 Figures are drawn on `matplotlib.figure.Figure` with the Agg canvas directly: no pyplot, no
 global backend switch, nothing left open between calls.
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import math
 import pathlib
+import textwrap
 from typing import Any, Sequence
 
 import numpy as np
@@ -31,6 +33,7 @@ _PAPER_TOP_MM = 6.0  # headroom above the first row for tall R waves
 _CALIBRATION_MM = 10.0  # left margin holding the 1 mV calibration pulse
 _HEADER_MM, _FOOTER_MM, _SIDE_MM = 20.0, 8.0, 6.0
 _MM_PER_INCH = 25.4
+HEAT_SATURATION_PERCENTILE = 99.0
 
 
 def _save(figure: Figure, path: str | pathlib.Path, dpi: int) -> pathlib.Path:
@@ -152,7 +155,8 @@ def _draw_trace(axes, trace: np.ndarray, fs: float, x_start_mm: float, baseline_
 def plot_ecg(signal: Any, fs: float, path: str | pathlib.Path,
              lead_names: Sequence[str] = STANDARD_LEADS, title: str | None = None,
              findings: Sequence[tuple[str, float]] | None = None, max_findings: int = 5,
-             dpi: int = 150) -> pathlib.Path:
+             dpi: int = 150, heat: Any = None, heat_fs: float = 100.0,
+             heat_label: str | None = None) -> pathlib.Path:
   """A 12-lead ECG (12, n) in mV at `fs` Hz as PNG, laid out as a clinical printout.
 
   The standard 4 x 3 layout (I aVR V1 V4 / II aVL V2 V5 / III aVF V3 V6, each column the next
@@ -161,6 +165,10 @@ def plot_ecg(signal: Any, fs: float, path: str | pathlib.Path,
   window is the whole record up to 10 s (longer records show their first 10 s, as the footer
   says). Each trace is drawn around its own median so baseline offsets do not push it into the
   next row. `findings` (label, probability) pairs are printed at the top, the most probable first.
+  `heat` (12, m) >= 0 at `heat_fs` Hz, rows in STANDARD_LEADS order (e.g.
+  `attributions.record_heat`), is drawn as a red band under each lead's trace, darker where larger
+  (one colour scale over all leads, saturating at its 99th percentile so that a few sharp peaks do
+  not hide the rest), and `heat_label` says what it is.
   """
   signal = np.asarray(signal, dtype=np.float64)
   if signal.ndim != 2 or signal.shape[0] != 12 or signal.shape[1] < 8:
@@ -171,6 +179,8 @@ def plot_ecg(signal: Any, fs: float, path: str | pathlib.Path,
   if len(lead_names) != 12:
     raise ValueError(f"expected 12 lead names, found {len(lead_names)}")
   leads = _lead_indices(lead_names)
+  heat = _checked_heat(heat)
+  heat_scale = _heat_scale(heat) if heat is not None else 0.0
   ranked = _ranked_findings(findings, max_findings)
   duration_s = signal.shape[1] / fs
   window = min(signal.shape[1], int(round(MAX_WINDOW_S * fs)))
@@ -193,6 +203,9 @@ def plot_ecg(signal: Any, fs: float, path: str | pathlib.Path,
         start, stop, x_start = 0, window, 0.0
       else:
         start, stop, x_start = column * column_samples, (column + 1) * column_samples, column * column_mm
+      if heat is not None:
+        _draw_heat(axes, heat[STANDARD_LEADS.index(lead)], heat_fs, start / fs, stop / fs, x_start,
+                   baseline, heat_scale)
       _draw_trace(axes, signal[leads[lead], start:stop], fs, x_start, baseline)
       axes.text(x_start + 1.5, baseline + 0.38 * _ROW_HEIGHT_MM, lead, fontsize=9,
                 fontweight="bold", va="center")
@@ -202,14 +215,78 @@ def plot_ecg(signal: Any, fs: float, path: str | pathlib.Path,
   figure.text(_SIDE_MM / figure_width, header_top, title or "12-lead ECG", fontsize=12,
               fontweight="bold", va="top")
   if ranked:
-    text = "Top findings:  " + "   ".join(f"{label} {probability:.2f}" for label, probability in ranked)
+    # Two lines when the names are long (about 2.1 mm per character at 10 pt), broken only between
+    # findings: no-break spaces inside each one (textwrap breaks at ASCII whitespace only).
+    items = [f"{label} {probability:.2f}".replace(" ", "\u00a0") for label, probability in ranked]
+    text = "\n".join(textwrap.wrap("Top findings:  " + "   ".join(items),
+                                    int((figure_width - 2 * _SIDE_MM) / 2.1), max_lines=2,
+                                    break_long_words=False, placeholder=" ..."))
     figure.text(_SIDE_MM / figure_width, header_top - 7 / figure_height, text, fontsize=10, va="top",
                 color="darkred")
+  if heat_label:
+    figure.text(1 - _SIDE_MM / figure_width, header_top, heat_label, fontsize=9, va="top",
+                ha="right", color="firebrick")
   shown = window / fs
   footer = (f"{PAPER_SPEED_MM_PER_S:g} mm/s   {GAIN_MM_PER_MV:g} mm/mV   {fs:g} Hz   "
             + (f"first {shown:.1f} s of {duration_s:.1f} s shown" if window < signal.shape[1]
                else f"{shown:.1f} s"))
   figure.text(_SIDE_MM / figure_width, 2.5 / figure_height, footer, fontsize=8, va="bottom")
+  return _save(figure, path, dpi)
+
+
+def _checked_heat(heat: Any) -> np.ndarray | None:
+  if heat is None:
+    return None
+  heat = np.asarray(heat, dtype=np.float64)
+  if heat.ndim != 2 or heat.shape[0] != 12 or not np.isfinite(heat).all() or (heat < 0).any():
+    raise ValueError(f"expected heat of shape (12, samples) with finite values >= 0, found shape "
+                     f"{heat.shape}")
+  return heat
+
+
+def _heat_scale(heat: np.ndarray) -> float:
+  """Where the colour saturates: the 99th percentile of the heat, or its maximum if that is 0."""
+  scale = float(np.percentile(heat, HEAT_SATURATION_PERCENTILE))
+  return scale if scale > 0 else float(heat.max())
+
+
+def _draw_heat(axes, row: np.ndarray, heat_fs: float, start_s: float, stop_s: float,
+               x_start_mm: float, baseline_mm: float, top: float) -> None:
+  """The heat of one lead between start_s and stop_s as a band under its trace (transparent at 0)."""
+  part = np.minimum(row[int(start_s * heat_fs):int(np.ceil(stop_s * heat_fs))], top)
+  if len(part) == 0 or top <= 0:
+    return
+  width_mm = len(part) / heat_fs * PAPER_SPEED_MM_PER_S
+  half = 0.4 * _ROW_HEIGHT_MM
+  axes.imshow(part[None, :], extent=(x_start_mm, x_start_mm + width_mm, baseline_mm - half,
+                                     baseline_mm + half), aspect="auto", cmap="Reds", vmin=0.0,
+              vmax=top, alpha=0.6 * part[None, :] / top, interpolation="nearest", zorder=1)
+
+
+def plot_label_efficiency(fractions: Any, scores: Any, path: str | pathlib.Path,
+                          labels: Sequence[str] | None = None, metric: str = "macro AUROC",
+                          title: str = "Label efficiency", dpi: int = 120) -> pathlib.Path:
+  """Score against the fraction of training labels (log x axis), one line per series.
+
+  fractions (points,), scores (series, points) or (points,); NaN scores are left out.
+  """
+  fractions = np.asarray(fractions, dtype=np.float64)
+  scores = np.atleast_2d(np.asarray(scores, dtype=np.float64))
+  if fractions.ndim != 1 or scores.shape[1] != len(fractions) or not (fractions > 0).all():
+    raise ValueError(f"expected fractions (points,) > 0 and scores (series, points), found "
+                     f"{fractions.shape} and {scores.shape}")
+  names = label_names_or_default(labels, len(scores))
+  figure = Figure(figsize=(6.0, 4.2))
+  axes = figure.add_subplot()
+  order = np.argsort(fractions)
+  for name, row in zip(names, scores):
+    axes.plot(fractions[order], row[order], marker="o", label=name)
+  axes.set_xscale("log")
+  axes.set_xticks(fractions[order], [f"{100 * f:g}%" for f in fractions[order]])
+  axes.set(xlabel="fraction of the training labels", ylabel=metric, title=title)
+  axes.grid(lw=0.4, alpha=0.6)
+  axes.legend(fontsize=8)
+  figure.tight_layout()
   return _save(figure, path, dpi)
 
 

@@ -15,6 +15,7 @@ from hubert_ecg_jax import model_dir
 from hubert_ecg_jax.config import HubertECGConfig
 from hubert_ecg_jax.convert import check_params, flax_to_state_dict, state_dict_to_flax
 from hubert_ecg_jax.files import make_parent_folder
+from hubert_ecg_jax.hub import resolve_model
 from hubert_ecg_jax.model import HubertECG
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -119,20 +120,20 @@ def _has_pretraining_heads(params: dict) -> bool:
   return any(k.startswith(("final_proj_", "label_embedding_")) for k in params)
 
 
-def load_pretrained(path: str | pathlib.Path, compute_dtype: str | None = None
-                    ) -> tuple[HubertECGConfig, dict]:
-  """(config, params) for `HubertECG(config)` from a HF directory, an original `.pt`, or our model dir."""
-  config, params, _ = load_pretrained_with_heads(path)
+def load_pretrained(path: str | pathlib.Path, compute_dtype: str | None = None,
+                    revision: str | None = None) -> tuple[HubertECGConfig, dict]:
+  """(config, params) for `HubertECG(config)` from a HF directory, an original `.pt`, our model dir,
+  or a Hugging Face Hub id (at `revision`: a branch, tag or commit; default main)."""
+  config, params, _ = load_pretrained_with_heads(path, revision)
   if compute_dtype is not None:
     config = config.replace(compute_dtype=compute_dtype)
   return config, params
 
 
-def load_pretrained_with_heads(path: str | pathlib.Path) -> tuple[HubertECGConfig, dict, dict]:
+def load_pretrained_with_heads(path: str | pathlib.Path, revision: str | None = None
+                               ) -> tuple[HubertECGConfig, dict, dict]:
   """Like `load_pretrained`, plus the classifier-head params of a fine-tuned checkpoint ({} if none)."""
-  path = pathlib.Path(path)
-  if not path.exists():
-    raise FileNotFoundError(f"{path} does not exist")
+  path = resolve_model(path, revision)
   if path.is_dir() and model_dir.is_model_dir(path):
     config, params, _ = model_dir.load_model(path)
     heads = {}

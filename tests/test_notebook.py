@@ -39,5 +39,7 @@ def test_quickstart_notebook_executes(tmp_path, sample_data_dir, monkeypatch):
   assert all(label in text for label in labels)
   images = [output for cell in notebook.cells for output in cell.get("outputs", [])
             if "image/png" in output.get("data", {})]
-  assert len(images) == 2
+  assert len(images) == 3
   assert (work / "ecg_findings.png").stat().st_size > 20_000
+  assert "sinus rhythm (NSR)" in text and "explaining " in text  # findings named in words
+  assert (work / "ecg_explained.png").stat().st_size > 20_000

@@ -69,6 +69,14 @@ def test_wheel_holds_every_module_and_config(wheel):
   assert len(configs) == len(named_configs()) + 1  # + __init__.py
 
 
+def test_wheel_holds_the_snomed_tables(wheel):
+  names = set(zipfile.ZipFile(wheel).namelist())
+  tables = {str(p.relative_to(REPO)) for p in (REPO / "hubert_ecg_jax" / "evaluate" / "cinc2021").iterdir()}
+  assert {"hubert_ecg_jax/evaluate/cinc2021/weights.csv",
+          "hubert_ecg_jax/evaluate/cinc2021/SOURCE.md"} <= tables
+  assert tables - names == set()
+
+
 def test_named_configs_from_another_folder(installed):
   script = f"""
 import pathlib, sys

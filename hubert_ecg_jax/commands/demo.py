@@ -115,7 +115,8 @@ def run(args: argparse.Namespace) -> int:
       "--n-boot", "200", "--quiet"])
   example = sorted(raw["test"].glob("*.hea"))[0]
   _step("predict one ECG and plot it", ["predict", str(model), str(example), "--out",
-                                        str(out / "prediction"), "--plot", "--quiet"])
+                                        str(out / "prediction"), "--plot", "--quiet"]
+        + ([] if args.data else ["--explain", "AF", "--explain-steps", "32"]))
 
   report = json.loads((out / "evaluation" / "metrics.json").read_text())
   macro_auroc = report["evaluation"]["metrics"]["macro"]["auroc"]
@@ -128,11 +129,13 @@ Outputs under {out}/:
   features/, kmeans/   iteration-1 features, k-means (kmeans/summary.json)
   records_targets/     records with k-means units   pretrain/         checkpoints, tensorboard/, model/
   finetune/            best_model/, tensorboard/    evaluation/       metrics.json, metrics.csv, ROC and AUROC plots
-  prediction/          predictions.csv and the plotted ECG
+  prediction/          predictions.csv and the plotted ECG (with the attribution heat of AF)
 
 Try next:
   tensorboard --logdir {out}                                    # training curves
   hubert-ecg-jax embed {model} {records['test']} --out {out}/embeddings.npy
+  hubert-ecg-jax evaluate {model} {records['test']} --out {out}/evaluation_I_II --leads I,II
+                                                                # what losing 10 leads costs
   hubert-ecg-jax features {records['train']} {out}/features_it2 --model {out}/pretrain/model --layer 1
                                                                 # iteration-2 targets from the model
   hubert-ecg-jax convert PATH/TO/hubert-ecg-small DIR         # the released weights (see README)""")

@@ -2,11 +2,18 @@
 
 DATA is a records directory (`hubert-ecg-jax preprocess` output) or one of the original's split
 CSVs (with --records-dir). Labels are matched to the model's outputs by name; a label the data
-lacks, or that has one class in it, is reported as undefined. Written to OUT (atomically):
+lacks, or that has one class in it, is reported as undefined. SNOMED CT codes are shown with their
+names and abbreviations; for labels that are CinC 2021 challenge codes the challenge score (the
+reward-matrix metric of weights.csv, `evaluate.challenge`) is computed at the thresholds tuned on
+validation (0.5 without). --merge-equivalent merges codes the challenge scores as one diagnosis
+(RBBB 713427006|59118001, ...); --leads I,II,... runs the model on those leads only (the others
+zeroed) to measure what losing leads costs. Written to OUT (atomically):
 
-  metrics.json      every metric, per label and macro, with bootstrap intervals and Fmax
-  metrics.csv       one row per label and a macro row (AUROC, AUPRC, F1 / sensitivity /
-                    specificity at 0.5 and at the thresholds tuned on validation, CIs)
+  metrics.json      every metric, per label and macro, with bootstrap intervals, Fmax and the
+                    challenge score, each label's name and abbreviation
+  metrics.csv       one row per label (code, abbreviation, name) and a macro row (AUROC, AUPRC,
+                    F1 / sensitivity / specificity at 0.5 and at the thresholds tuned on validation,
+                    CIs)
   predictions.csv   per record: the aggregated probability of each output
   roc.png, auroc.png  ROC curves and the per-label AUROC chart (classification)
 
@@ -19,14 +26,15 @@ import argparse
 import pathlib
 from typing import Any
 
-from hubert_ecg_jax.commands import add_compute_dtype_argument
+from hubert_ecg_jax.commands import add_compute_dtype_argument, add_missing_leads_argument
 
 
 def register(subparsers: Any) -> None:
   p = subparsers.add_parser(
       "evaluate", help="metrics, bootstrap intervals and plots of a fine-tuned model on a test set",
       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("model", help="fine-tuned model directory (workdir/best_model of `finetune`)")
+  p.add_argument("model", help="fine-tuned model directory (workdir/best_model of `finetune`), or a "
+                 "Hugging Face Hub id (ORG/NAME[@REVISION]) of a fine-tuned checkpoint")
   p.add_argument("data", help="records directory (`preprocess` output), or a split CSV with --records-dir")
   p.add_argument("--out", default="evaluation", help="output folder (default: ./evaluation)")
   p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
@@ -47,7 +55,13 @@ def register(subparsers: Any) -> None:
   p.add_argument("--fs", type=float, help="split CSV input: sampling rate of .npy / .csv records")
   p.add_argument("--workers", type=int, default=0,
                  help="split CSV input: processes preparing the records (default: all cores)")
+  p.add_argument("--leads", help="comma-separated leads the model sees (e.g. I,II,V1); the others "
+                 "are zeroed, to measure what losing leads costs (default: all 12)")
+  p.add_argument("--merge-equivalent", action="store_true",
+                 help="merge the codes the CinC 2021 challenge scores as one diagnosis (e.g. RBBB "
+                 "713427006|59118001) into one label before computing the metrics")
   p.add_argument("--quiet", action="store_true", help="no progress bars")
+  add_missing_leads_argument(p)
   add_compute_dtype_argument(p)
   p.set_defaults(func=run)
 
@@ -62,12 +76,15 @@ def run(args: argparse.Namespace) -> int:
       raise ValueError(f"{data} is a split CSV: pass --records-dir, the folder its file names are "
                        "relative to")
     data = materialise_split_csv(data, args.records_dir, out.absolute().parent / f".{out.name}-data",
-                                 args.label_start_index, args.fs, args.workers, not args.quiet)
+                                 args.label_start_index, args.fs, args.workers, not args.quiet,
+                                 missing_leads=args.missing_leads)
   from hubert_ecg_jax.evaluate.classifier import evaluate_classifier
 
   summary = evaluate_classifier(args.model, data, out, args.crop, args.crops, args.aggregation,
                                 args.n_boot, args.seed, args.batch_size, args.overwrite,
-                                progress=not args.quiet, compute_dtype=args.compute_dtype)
+                                progress=not args.quiet, compute_dtype=args.compute_dtype,
+                                leads=args.leads.split(",") if args.leads else None,
+                                merge_equivalent=args.merge_equivalent)
   print(summary["table"])
   if summary["labels_missing_from_data"]:
     print(f"labels of the model missing from the data (all negative there): "

@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from hubert_ecg_jax.commands import add_missing_leads_argument
+
 
 def register(subparsers: Any) -> None:
   p = subparsers.add_parser(
@@ -42,6 +44,7 @@ def register(subparsers: Any) -> None:
                  help="filter/resample order (resample_first: as for the released weights)")
   p.add_argument("--nan-policy", choices=("refuse", "interpolate"), default="refuse",
                  help="records with NaN samples: report as bad, or fill linearly in time")
+  add_missing_leads_argument(p)
   p.add_argument("--fs", type=float, help="sampling rate in Hz of .npy records (they do not store it)")
   p.add_argument("--quiet", action="store_true", help="no progress bars")
   p.set_defaults(func=run)
@@ -54,7 +57,11 @@ def run(args: argparse.Namespace) -> int:
       args.src, args.out, labels_csv=args.labels, label_source=args.label_source,
       label_start_index=args.label_start_index, num_shards=args.shards,
       records_per_shard=args.records_per_shard, workers=args.workers, order=args.order,
-      nan_policy=args.nan_policy, fs=args.fs, show_progress=not args.quiet)
+      nan_policy=args.nan_policy, fs=args.fs, show_progress=not args.quiet,
+      missing_leads=args.missing_leads)
+  zeroed = manifest.preprocessing.get("zeroed_leads") or {}
   print(f"{manifest.num_records} records in {len(manifest.shards)} shards, "
-        f"{len(manifest.failures)} failed, {manifest.num_labels} labels -> {args.out}")
+        f"{len(manifest.failures)} failed, {manifest.num_labels} labels -> {args.out}"
+        + (f"; {len(zeroed)} with missing leads entered as zeros (manifest.json "
+           "preprocessing.zeroed_leads)" if zeroed else ""))
   return 0

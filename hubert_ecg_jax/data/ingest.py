@@ -21,7 +21,7 @@ import numpy as np
 
 from hubert_ecg_jax.data import records as records_lib
 from hubert_ecg_jax.data.labels import MultiLabelEncoder, read_split_csv, snomed_codes_from_header
-from hubert_ecg_jax.data.preprocess import prepare_record
+from hubert_ecg_jax.data.preprocess import prepare_record, zeroed_leads
 from hubert_ecg_jax.data.readers import (HDF5_EXTENSIONS, code15_exam_ids, find_hdf5_files,
                                          find_records, read_code15_exam, read_record)
 from hubert_ecg_jax.progress import progress_bar
@@ -60,6 +60,7 @@ class PrepareSettings:
   fs: float | None = None
   label_source: str = "dx"
   label_names: tuple[str, ...] = ()
+  missing_leads: str = "refuse"
 
 
 def record_key(name: str) -> str:
@@ -165,7 +166,8 @@ def prepare_source(source: RecordSource, settings: PrepareSettings
     record = (read_record(source.path, fs=settings.fs) if source.row is None
               else read_code15_exam(source.path, source.row))
     signal = prepare_record(record.signal, record.fs, lead_names=record.lead_names,
-                            order=settings.order, nan_policy=settings.nan_policy)
+                            order=settings.order, nan_policy=settings.nan_policy,
+                            missing_leads=settings.missing_leads)
     if settings.label_source == "csv":
       if source.csv_labels is None:
         raise ValueError("no row for this record in the labels CSV")
@@ -198,6 +200,8 @@ def _job_fingerprint(sources: Sequence[RecordSource], settings: PrepareSettings,
       "order": settings.order, "nan_policy": settings.nan_policy, "fs": settings.fs,
       "label_source": settings.label_source, "label_start_index": label_start_index,
       "labels_csv_sha256": file_digest(labels_csv) if labels_csv else None,
+      # only when asked, so that directories written before the option keep their fingerprint
+      **({"missing_leads": settings.missing_leads} if settings.missing_leads != "refuse" else {}),
   }
 
 
@@ -229,7 +233,8 @@ def preprocess_records(src: str | os.PathLike, out: str | os.PathLike, *,
                        label_start_index: int = 3, num_shards: int | None = None,
                        records_per_shard: int | None = None, workers: int | None = None,
                        order: str = "resample_first", nan_policy: str = "refuse",
-                       fs: float | None = None, show_progress: bool = True
+                       fs: float | None = None, show_progress: bool = True,
+                       missing_leads: str = "refuse"
                        ) -> records_lib.RecordsManifest:
   """Runs (or resumes) a preprocessing job; returns the complete manifest."""
   src, out = pathlib.Path(src), pathlib.Path(out)
@@ -249,7 +254,8 @@ def preprocess_records(src: str | os.PathLike, out: str | os.PathLike, *,
   if num_shards is None:
     num_shards = math.ceil(len(sources) / (records_per_shard or DEFAULT_RECORDS_PER_SHARD))
   num_shards = min(num_shards, len(sources))
-  settings = PrepareSettings(order=order, nan_policy=nan_policy, fs=fs, label_source=label_source)
+  settings = PrepareSettings(order=order, nan_policy=nan_policy, fs=fs, label_source=label_source,
+                             missing_leads=missing_leads)
   job = _job_fingerprint(sources, settings, num_shards, labels_csv, label_start_index)
   manifest = _prepare_out(out, job)
 
@@ -266,7 +272,7 @@ def preprocess_records(src: str | os.PathLike, out: str | os.PathLike, *,
       manifest = records_lib.RecordsManifest(
           job=job, label_names=list(label_names), shards=[],
           preprocessing={"order": order, "nan_policy": nan_policy, "target_fs": 500,
-                         "fs_given": fs})
+                         "fs_given": fs, "missing_leads": missing_leads, "zeroed_leads": {}})
       records_lib.write_manifest(out, manifest)
     settings = dataclasses.replace(settings, label_names=tuple(manifest.label_names))
     _write_shards(out, sources, manifest, settings, num_shards, pool, show_progress)
@@ -307,6 +313,8 @@ def _write_shards(out: pathlib.Path, sources: Sequence[RecordSource],
           progress.write(f"skipped {result[0]}: {result[1]}", file=sys.stderr)
           continue
         rates[f"{result.source_fs:g}"] += 1
+        if settings.missing_leads == "zero" and (zeroed := zeroed_leads(result.signal)):
+          manifest.preprocessing.setdefault("zeroed_leads", {})[result.record_id] = zeroed
         yield records_lib.encode_example(result)
 
     name = records_lib.shard_file_name(index, num_shards)

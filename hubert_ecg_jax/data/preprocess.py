@@ -22,6 +22,7 @@ MINMAX_EPS = 1e-8
 
 FilterOrder = Literal["resample_first", "filter_first"]
 NanPolicy = Literal["refuse", "interpolate"]
+MissingLeads = Literal["refuse", "zero"]
 CropMode = Literal["first", "random", "tta"]
 
 _CANONICAL_LEAD = {name.upper(): name for name in STANDARD_LEADS}
@@ -33,12 +34,26 @@ def canonical_lead_name(name: str) -> str | None:
   return _CANONICAL_LEAD.get(key)
 
 
-def reorder_leads(signal: np.ndarray, lead_names: Sequence[str]) -> np.ndarray:
+def missing_standard_leads(lead_names: Sequence[str]) -> list[str]:
+  """The standard leads that `lead_names` lacks (matched as `reorder_leads` does)."""
+  present = {canonical_lead_name(name) for name in lead_names}
+  return [lead for lead in STANDARD_LEADS if lead not in present]
+
+
+def zeroed_leads(prepared: np.ndarray) -> list[str]:
+  """Leads of a prepared (12, n) record that are all zeros: the ones entered for missing leads."""
+  return [STANDARD_LEADS[i] for i in np.flatnonzero(~np.asarray(prepared).any(axis=1))]
+
+
+def reorder_leads(signal: np.ndarray, lead_names: Sequence[str],
+                  missing_leads: MissingLeads = "refuse") -> np.ndarray:
   """Rows of `signal` (leads, n) reordered to STANDARD_LEADS -> (12, n).
 
-  Names are matched case-insensitively ignoring whitespace; unknown, duplicate and missing leads are
-  refused with their names.
+  Names are matched case-insensitively ignoring whitespace; unknown and duplicate leads are refused
+  with their names, and so are missing leads unless `missing_leads="zero"` (their rows are zeros).
   """
+  if missing_leads not in ("refuse", "zero"):
+    raise ValueError(f"missing_leads must be 'refuse' or 'zero', got {missing_leads!r}")
   signal = np.asarray(signal)
   if signal.ndim != 2:
     raise ValueError(f"expected a 2-D signal (leads, samples), got shape {signal.shape}")
@@ -56,9 +71,18 @@ def reorder_leads(signal: np.ndarray, lead_names: Sequence[str]) -> np.ndarray:
   if duplicates:
     raise ValueError(f"duplicate leads {duplicates} in lead names {names}")
   missing = [lead for lead in STANDARD_LEADS if lead not in canonical]
-  if missing:
-    raise ValueError(f"missing leads {missing} in lead names {names}; all 12 standard leads are needed")
-  return signal[[canonical.index(lead) for lead in STANDARD_LEADS]]
+  if missing and missing_leads == "refuse":
+    raise ValueError(f"missing leads {missing} in lead names {names}; all 12 standard leads are "
+                     "needed, or pass missing_leads='zero' (--missing-leads zero) to enter them as zeros")
+  if not missing:
+    return signal[[canonical.index(lead) for lead in STANDARD_LEADS]]
+  if len(missing) == len(STANDARD_LEADS):
+    raise ValueError(f"none of the 12 standard leads is in lead names {names}")
+  reordered = np.zeros((len(STANDARD_LEADS), signal.shape[1]), signal.dtype)
+  for row, lead in enumerate(STANDARD_LEADS):
+    if lead in canonical:
+      reordered[row] = signal[canonical.index(lead)]
+  return reordered
 
 
 def bandpass_taps(fs: float) -> np.ndarray:
@@ -132,17 +156,23 @@ def prepare_record(
     lead_names: Sequence[str] | None = None,
     order: FilterOrder = "resample_first",
     nan_policy: NanPolicy = "refuse",
+    missing_leads: MissingLeads = "refuse",
 ) -> np.ndarray:
   """Offline stage: (leads, n) at `fs` -> float32 (12, int(n*500/fs)) band-passed, resampled, in [-1, 1].
 
   `lead_names` (one per row) reorders rows to STANDARD_LEADS; without it rows must already be in that
-  order. `order` and `nan_policy` are described in the module docstring.
+  order. `order`, `nan_policy` and `missing_leads` are described in the module docstring.
   """
   if order not in ("resample_first", "filter_first"):
     raise ValueError(f"order must be 'resample_first' or 'filter_first', got {order!r}")
   fs = float(fs)
+  absent: list[str] = []
   if lead_names is not None:
-    signal = reorder_leads(signal, lead_names)
+    signal = reorder_leads(signal, lead_names, missing_leads)
+    absent = missing_standard_leads(lead_names)
+  elif missing_leads == "zero" and np.ndim(signal) == 2 and np.shape(signal)[0] != len(STANDARD_LEADS):
+    raise ValueError(f"missing_leads='zero' needs lead_names to tell which of the 12 leads the "
+                     f"{np.shape(signal)[0]} rows are")
   signal = _validated_signal(signal, fs, nan_policy)  # (12, n) float64
   if order == "resample_first":
     if int(signal.shape[-1] * TARGET_FS / fs) < 1:
@@ -157,6 +187,7 @@ def prepare_record(
   low = filtered.min(axis=-1, keepdims=True)
   high = filtered.max(axis=-1, keepdims=True)
   scaled = 2.0 * (filtered - low) / (high - low + MINMAX_EPS) - 1.0
+  scaled[[STANDARD_LEADS.index(lead) for lead in absent]] = 0.0
   return scaled.astype(np.float32)
 
 
@@ -273,10 +304,14 @@ def preprocess_ecg(
     lead_names: Sequence[str] | None = None,
     order: FilterOrder = "resample_first",
     nan_policy: NanPolicy = "refuse",
+    missing_leads: MissingLeads = "refuse",
 ) -> tuple[np.ndarray, np.ndarray]:
   """One ECG (leads, n) in mV at `fs` -> model input float32 (6000,) and attention mask int32 (6000,).
 
-  `prepare_record`, then the first 5 s (zero-padded if shorter), then `model_input`.
+  `prepare_record`, then the first 5 s (zero-padded if shorter), then `model_input`. With
+  `missing_leads="zero"` and `lead_names` naming fewer than 12 leads, the others are zeros
+  (`missing_standard_leads(lead_names)` lists them).
   """
-  record = prepare_record(signal, fs, lead_names=lead_names, order=order, nan_policy=nan_policy)
+  record = prepare_record(signal, fs, lead_names=lead_names, order=order, nan_policy=nan_policy,
+                          missing_leads=missing_leads)
   return model_input(crop_window(record, 0))

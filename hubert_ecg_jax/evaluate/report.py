@@ -9,7 +9,7 @@ import dataclasses
 import json
 import math
 import pathlib
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -70,9 +70,10 @@ def write_json(result: Any, path: str | pathlib.Path) -> pathlib.Path:
   return path
 
 
-def _columns(evaluation: MultilabelEvaluation) -> list[str]:
-  """CSV columns: label, support, each reported metric (with its CI bounds), threshold, note."""
-  columns = ["label", "support"]
+def _columns(evaluation: MultilabelEvaluation, named: bool = False) -> list[str]:
+  """CSV columns: label, (abbreviation, name,) support, each reported metric (with its CI bounds),
+  threshold, note."""
+  columns = ["label"] + (["abbreviation", "name"] if named else []) + ["support"]
   for metric in REPORTED_METRICS:
     if metric in evaluation.metrics.per_label:
       columns.append(metric)
@@ -83,13 +84,20 @@ def _columns(evaluation: MultilabelEvaluation) -> list[str]:
   return columns + ["note"]
 
 
-def csv_rows(evaluation: MultilabelEvaluation) -> list[dict[str, Any]]:
-  """One row per label, then the macro row (support: all positives); undefined values are NaN."""
+def csv_rows(evaluation: MultilabelEvaluation,
+             findings: Mapping[str, tuple[str, str]] | None = None) -> list[dict[str, Any]]:
+  """One row per label, then the macro row (support: all positives); undefined values are NaN.
+
+  `findings` (label -> (abbreviation, name), e.g. from `snomed.label_table`) adds those columns.
+  """
   metrics = evaluation.metrics
   undefined = set(metrics.undefined_labels)
   rows = []
   for index, name in enumerate(metrics.label_names):
-    row: dict[str, Any] = {"label": name, "support": int(metrics.support[index])}
+    row: dict[str, Any] = {"label": name}
+    if findings is not None:
+      row["abbreviation"], row["name"] = findings.get(name, ("", ""))
+    row["support"] = int(metrics.support[index])
     for metric, values in metrics.per_label.items():
       row[metric] = float(values[index])
     for metric, interval in evaluation.intervals.items():
@@ -109,14 +117,15 @@ def csv_rows(evaluation: MultilabelEvaluation) -> list[dict[str, Any]]:
   return rows
 
 
-def write_csv(evaluation: MultilabelEvaluation, path: str | pathlib.Path) -> pathlib.Path:
+def write_csv(evaluation: MultilabelEvaluation, path: str | pathlib.Path,
+              findings: Mapping[str, tuple[str, str]] | None = None) -> pathlib.Path:
   """Writes the per-label rows and the macro row as CSV; undefined values are written `nan`."""
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   with path.open("w", newline="") as stream:
-    writer = csv.DictWriter(stream, fieldnames=_columns(evaluation), restval="")
+    writer = csv.DictWriter(stream, fieldnames=_columns(evaluation, findings is not None), restval="")
     writer.writeheader()
-    for row in csv_rows(evaluation):
+    for row in csv_rows(evaluation, findings):
       writer.writerow({key: repr(value) if isinstance(value, float) else value
                        for key, value in row.items()})
   return path
@@ -130,21 +139,34 @@ def _cell(value: float, lower: float | None = None, upper: float | None = None) 
   return f"{value:.3f} [{lower:.3f}-{upper:.3f}]"
 
 
-def format_table(evaluation: MultilabelEvaluation) -> str:
-  """A fixed-width table for the terminal: a row per label, the macro row, Fmax, undefined labels."""
+def _finding_cell(row: Mapping[str, Any]) -> str:
+  """'right bundle branch block (RBBB)' for a named label, '' for the macro row, '-' otherwise."""
+  name, abbreviation = row.get("name") or "", row.get("abbreviation") or ""
+  if not name:
+    return "" if row["label"] == "macro" else "-"
+  return name if abbreviation in ("", row["label"]) else f"{name} ({abbreviation})"
+
+
+def format_table(evaluation: MultilabelEvaluation,
+                 findings: Mapping[str, tuple[str, str]] | None = None) -> str:
+  """A fixed-width table for the terminal: a row per label, the macro row, Fmax, undefined labels.
+
+  With `findings` (label -> (abbreviation, name)) a `finding` column gives each label's name.
+  """
   metrics = evaluation.metrics
   shown = [metric for metric in REPORTED_METRICS if metric in metrics.per_label]
-  header = ["label", "n+"] + shown
+  header = ["label"] + (["finding"] if findings is not None else []) + ["n+"] + shown
   body = []
-  for row in csv_rows(evaluation):
-    cells = [str(row["label"]), str(row["support"])]
+  for row in csv_rows(evaluation, findings):
+    named = [] if findings is None else [_finding_cell(row)]
+    cells = [str(row["label"])] + named + [str(row["support"])]
     for metric in shown:
       cells.append(_cell(row[metric], row.get(f"{metric}_ci_lower"), row.get(f"{metric}_ci_upper")))
     body.append(cells)
   widths = [max(len(line[column]) for line in [header] + body) for column in range(len(header))]
 
   def line(cells: list[str]) -> str:
-    return "  ".join(cell.ljust(width) if column == 0 else cell.rjust(width)
+    return "  ".join(cell.ljust(width) if column < len(header) - len(shown) - 1 else cell.rjust(width)
                      for column, (cell, width) in enumerate(zip(cells, widths)))
 
   rule = "-" * len(line(header))

@@ -25,7 +25,7 @@ def default_config() -> ConfigDict:
   config.mode = "finetune"  # "linear_probe": frozen backbone, embeddings once, logistic regression
   config.model = ConfigDict(dict(
       init="pretrained",  # "pretrained": weights from `pretrained`; "scratch": random init of `size`
-      pretrained="",  # HF directory, original .pt, or a model directory of ours
+      pretrained="",  # HF directory, original .pt, a model directory of ours, or a Hub id ORG/NAME[@REV]
       size="small",  # scratch: tiny, small, base, large
       compute_dtype="float32",  # "bfloat16": bf16 products, float32 params (faster)
       hidden_dropout=0.0, activation_dropout=0.0, feat_proj_dropout=0.0,  # finetune.sh: 0
@@ -44,6 +44,8 @@ def default_config() -> ConfigDict:
       records_dir="", label_start_index=3, fs=placeholder(float),
       tfds_name="", tfds_data_dir="", manual_dir="",
       workers=placeholder(int),  # split_csv: processes preparing records; None: all cores
+      train_fraction=1.0,  # < 1: a seeded, label-stratified fraction of train (label-efficiency curves)
+      fraction_seed=0,
   ))
   config.train = ConfigDict(dict(
       batch_size=64, steps=70_000,
@@ -169,7 +171,8 @@ def settings_from_config(config: ConfigDict) -> FinetuneSettings:
     raise ValueError(f"model.init must be one of {MODEL_INITS}, found {m.init!r}")
   if m.init == "pretrained" and not m.pretrained:
     raise ValueError("set the pretrained weights: --config.model.pretrained=PATH (a Hugging Face "
-                     "directory, an original .pt or a `convert` output), or train from random "
+                     "directory, an original .pt, a `convert` output or a Hub id such as "
+                     "Edoardo-BS/hubert-ecg-base), or train from random "
                      "weights with --config.model.init=scratch")
   check_task(config.task.kind)
   if not config.probe.c_values or min(config.probe.c_values) <= 0:

@@ -34,8 +34,12 @@ class DataConfig:
   tfds_data_dir: str = ""  # tfds: where TFDS keeps prepared datasets ("" = its default)
   manual_dir: str = ""  # tfds: the downloaded dataset (PTB-XL folder, records + labels.csv)
   workers: int | None = None  # split_csv: processes preparing records; None: all cores
+  train_fraction: float = 1.0  # < 1: train on a seeded, label-stratified fraction (finetune.fraction)
+  fraction_seed: int = 0  # the seed of that fraction
 
   def __post_init__(self) -> None:
+    if not 0.0 < self.train_fraction <= 1.0:
+      raise ValueError(f"data.train_fraction must lie in (0, 1], found {self.train_fraction}")
     if self.source not in SOURCES:
       raise ValueError(f"data.source must be one of {SOURCES}, found {self.source!r}")
     missing = [name for name in ("train", "val") if not getattr(self, name)]
@@ -111,19 +115,20 @@ def _reusable(directory: pathlib.Path, job: dict[str, Any]) -> bool:
 
 def materialise_split_csv(csv_path: str | os.PathLike, records_dir: str | os.PathLike,
                           directory: pathlib.Path, label_start_index: int = 3,
-                          fs: float | None = None, workers: int | None = None, progress: bool = True
-                          ) -> pathlib.Path:
+                          fs: float | None = None, workers: int | None = None, progress: bool = True,
+                          missing_leads: str = "refuse") -> pathlib.Path:
   """Prepares the records a split CSV lists (file names relative to `records_dir`) into a records
-  directory at `directory`, reused when the CSV and settings are unchanged."""
+  directory at `directory`, reused when the CSV and settings are unchanged (`missing_leads`:
+  `prepare_record`'s)."""
   csv_path = pathlib.Path(csv_path)
   records_dir = pathlib.Path(records_dir)
   job = {"source": "split_csv", "csv": str(csv_path.absolute()), "csv_sha256": ingest.file_digest(csv_path),
          "records_dir": str(records_dir.absolute()), "label_start_index": label_start_index,
-         "fs": fs}
+         "fs": fs, **({"missing_leads": missing_leads} if missing_leads != "refuse" else {})}
   if _reusable(directory, job):
     return directory
   sources, label_names = ingest.csv_sources(csv_path, label_start_index, records_dir)
-  settings = ingest.PrepareSettings(fs=fs, label_source="csv")
+  settings = ingest.PrepareSettings(fs=fs, label_source="csv", missing_leads=missing_leads)
   failures: list[dict[str, str]] = []
   workers = workers or os.cpu_count() or 1
 

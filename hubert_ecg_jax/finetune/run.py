@@ -16,10 +16,13 @@ from hubert_ecg_jax.classifier import HubertECGForClassification
 from hubert_ecg_jax.config import HubertECGConfig
 from hubert_ecg_jax.evaluate import aggregate_crops, label_auroc, multiclass_metrics, tune_thresholds
 from hubert_ecg_jax.evaluate.metrics import label_names_or_default
+from hubert_ecg_jax.evaluate.snomed import ptbxl_descriptions
 from hubert_ecg_jax.finetune import losses
 from hubert_ecg_jax.finetune.config import FinetuneSettings
 from hubert_ecg_jax.finetune.data import read_labels, resolve_splits
+from hubert_ecg_jax.finetune.fraction import subset_training_split
 from hubert_ecg_jax.finetune.tasks import Task, task_from_dataset
+from hubert_ecg_jax.hub import model_source
 from hubert_ecg_jax.inference import classifier_metadata, load_backbone, run_on_records_dir
 from hubert_ecg_jax.model_dir import save_model
 from hubert_ecg_jax.parallel import BatchRunner
@@ -66,6 +69,11 @@ def prepare(settings: FinetuneSettings, workdir: pathlib.Path) -> Prepared:
     raise ValueError(f"the training data {splits['train']} holds no records")
   task = task_from_dataset(settings.task_kind, names, labels, settings.task_columns)
   notes = []
+  if settings.data.train_fraction < 1.0:
+    splits["train"], labels, note = subset_training_split(
+        splits["train"], task, labels, names, settings.data.train_fraction,
+        settings.data.fraction_seed, workdir)
+    notes.append(note)
   targets = task.targets(labels, names)
   if task.kind == "multi_label":
     empty = targets.sum(axis=0) == 0
@@ -149,6 +157,10 @@ def save_classifier(directory: pathlib.Path, prepared: Prepared, settings: Finet
                   "crop": settings.eval.crop, "crops": settings.eval.crops,
                   "aggregation": settings.eval.aggregation},
       mode=settings.mode, loss_weights=[float(w) for w in prepared.loss_weights], notes=notes,
+      pretrained_source=(model_source(settings.model.pretrained)
+                         if settings.model.init == "pretrained" else None),
+      label_descriptions=(ptbxl_descriptions(settings.data.manual_dir) or None
+                          if (settings.data.tfds_name or "").startswith("ptb_xl") else None),
       training_config=settings.raw)
   host = jax.tree.map(lambda a: np.asarray(a, np.float32), params)
   return save_model(directory, prepared.config, host, metadata, overwrite=True)
