@@ -222,8 +222,8 @@ class Pretrainer(Job):
       best_state = manager.restore(self._abstract_state(), step=best)
       export_model(workdir / "model_best", self.model_config, best_state.params,
                    dict(metadata, step=best))
-    if model_dir is not None:
-      self.print(f"exported the final model to {model_dir}"
+    if model_dir is not None:  # as the user named the run directory, not the absolute path
+      self.print(f"exported the final model to {workdir / 'model'}"
                  + (f" and the best (step {best}) to {workdir / 'model_best'}" if best else ""))
     return model_dir
 
