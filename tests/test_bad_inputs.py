@@ -20,12 +20,12 @@ import pytest
 import wfdb
 
 from hubert_ecg_jax import HubertECG, HubertECGConfig, export_hf_directory, load_pretrained, preprocess_ecg
-from hubert_ecg_jax.model_dir import load_model, save_model
 from hubert_ecg_jax.cli import main
 from hubert_ecg_jax.convert import flax_to_state_dict
 from hubert_ecg_jax.data.preprocess import STANDARD_LEADS, model_inputs, prepare_record
 from hubert_ecg_jax.data.readers import find_records, read_code15_hdf5, read_record
 from hubert_ecg_jax.data.synthetic import generate_dataset, write_wfdb_folder
+from hubert_ecg_jax.model_dir import load_model, save_model
 from hubert_ecg_jax.targets.kmeans import KMeansConfig, KMeansModel
 
 CONFIG = HubertECGConfig.preset("tiny", vocab_sizes=(8,))

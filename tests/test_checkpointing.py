@@ -12,8 +12,8 @@ import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from hubert_ecg_jax.model_dir import load_model
 from hubert_ecg_jax.config import HubertECGConfig
+from hubert_ecg_jax.model_dir import load_model
 from hubert_ecg_jax.train.checkpointing import (CheckpointManager, DataPosition, abstract_like,
                                                 export_model)
 from hubert_ecg_jax.parallel import PmapLauncher, data_mesh, host_copy

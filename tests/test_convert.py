@@ -18,8 +18,8 @@ from hubert_ecg_jax import HubertECG, HubertECGConfig, export_hf_directory, load
 from hubert_ecg_jax.classifier import HubertECGForClassification
 from hubert_ecg_jax.cli import main as cli_main
 from hubert_ecg_jax.convert import flax_to_state_dict
-from hubert_ecg_jax.pretrained import load_pretrained_with_heads, params_from_state_dict
 from hubert_ecg_jax.devtools.torch_reference import ecg_like_batch, make_reference
+from hubert_ecg_jax.pretrained import load_pretrained_with_heads, params_from_state_dict
 
 from conftest import TEST_DATA
 

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from hubert_ecg_jax import HubertECG, HubertECGConfig
-from hubert_ecg_jax.model_dir import save_model
 from hubert_ecg_jax.cli import main as cli_main
 from hubert_ecg_jax.data import records as records_lib
 from hubert_ecg_jax.data.preprocess import crop_window, model_inputs
+from hubert_ecg_jax.model_dir import save_model
 from hubert_ecg_jax.targets.features import frame_features
 from hubert_ecg_jax.targets.kmeans import KMeansModel
 

@@ -12,7 +12,6 @@ import pytest
 from matplotlib import image as mpimg
 
 from hubert_ecg_jax import cli
-from hubert_ecg_jax.model_dir import save_model
 from hubert_ecg_jax.classifier import HubertECGForClassification
 from hubert_ecg_jax.config import HubertECGConfig
 from hubert_ecg_jax.data.preprocess import STANDARD_LEADS
@@ -20,6 +19,7 @@ from hubert_ecg_jax.data.readers import read_record
 from hubert_ecg_jax.evaluate import snomed
 from hubert_ecg_jax.finetune.tasks import Task
 from hubert_ecg_jax.inference import classifier_metadata, load_classifier
+from hubert_ecg_jax.model_dir import save_model
 from test_inference_commands import run  # noqa: F401  (the fine-tuned tiny model, a fixture)
 
 PRESENT = ("I", "II", "V1", "V2", "V3", "V4", "V5", "V6")

@@ -13,13 +13,13 @@ import pytest
 from matplotlib import image as mpimg
 
 from hubert_ecg_jax import cli
-from hubert_ecg_jax.model_dir import load_model, save_model
 from hubert_ecg_jax.classifier import masked_mean
 from hubert_ecg_jax.config import HubertECGConfig
-from hubert_ecg_jax.model import HubertECG
 from hubert_ecg_jax.data.preprocess import prepare_record, crop_window, model_input
 from hubert_ecg_jax.data.readers import read_record
 from hubert_ecg_jax.inference import load_classifier
+from hubert_ecg_jax.model import HubertECG
+from hubert_ecg_jax.model_dir import load_model, save_model
 
 SPLITS = {0: "val", 1: "test"}  # record index % 5 -> split; the rest train
 

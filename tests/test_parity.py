@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from hubert_ecg_jax import HubertECG, HubertECGConfig
-from hubert_ecg_jax.pretrained import params_from_state_dict
 from hubert_ecg_jax.devtools.torch_reference import ecg_like_batch, make_reference
+from hubert_ecg_jax.pretrained import params_from_state_dict
 
 TOLERANCE = 1e-4
 

@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 
 from hubert_ecg_jax.config import HubertECGConfig
+from hubert_ecg_jax.config import MODEL_INPUT_LENGTH, NUM_LEADS
 from hubert_ecg_jax.data import records as records_lib
 from hubert_ecg_jax.data.online import fast_model_inputs
-from hubert_ecg_jax.config import MODEL_INPUT_LENGTH, NUM_LEADS
 from hubert_ecg_jax.data.preprocess import WINDOW_SAMPLES
 from hubert_ecg_jax.train.masking import sample_span_mask
 

@@ -28,15 +28,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hubert_ecg_jax.config import MODEL_INPUT_LENGTH, HubertECGConfig
 from hubert_ecg_jax.devtools.bench_forward import interleaved_medians, time_call
 from hubert_ecg_jax.devtools.bench_train import OPTIMIZER, benchmark_batch
-from hubert_ecg_jax.config import MODEL_INPUT_LENGTH, HubertECGConfig
 from hubert_ecg_jax.devtools.flops import forward_flops, peak_flops, train_step_flops
 from hubert_ecg_jax.inference import strip_pretraining_heads
-from hubert_ecg_jax.train.masking import sample_span_mask
 from hubert_ecg_jax.model import HubertECG
-from hubert_ecg_jax.train.checkpointing import CheckpointManager, abstract_like
 from hubert_ecg_jax.parallel import MeshLauncher
+from hubert_ecg_jax.train.checkpointing import CheckpointManager, abstract_like
+from hubert_ecg_jax.train.masking import sample_span_mask
 from hubert_ecg_jax.train.optimizer import make_optimizer
 from hubert_ecg_jax.train.state import create_train_state, init_params
 from hubert_ecg_jax.train.step import make_eval_step, make_train_step
@@ -130,8 +130,8 @@ def parity(size: str, batch: int) -> dict[str, Any]:
   """Our model against transformers' HubertModel with the same random weights, on the device."""
   import torch
 
-  from hubert_ecg_jax.pretrained import params_from_state_dict
   from hubert_ecg_jax.devtools.torch_reference import ecg_like_batch, make_reference
+  from hubert_ecg_jax.pretrained import params_from_state_dict
 
   config = HubertECGConfig.preset(size)
   reference = make_reference(config, seed=3)

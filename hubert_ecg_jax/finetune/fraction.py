@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from hubert_ecg_jax.data import records as records_lib
+from hubert_ecg_jax.finetune.data import _reusable, read_labels
 
 
 def stratified_fraction(strata: Any, fraction: float, seed: int) -> np.ndarray:
@@ -79,8 +80,6 @@ def subset_training_split(train_dir: pathlib.Path, task: Any, labels: np.ndarray
                           workdir: pathlib.Path) -> tuple[pathlib.Path, np.ndarray, str]:
   """Writes the stratified fraction of `train_dir` under `workdir/data/`; returns its directory,
   its labels (rows of `labels`, in file order) and a note for the run's log."""
-  from hubert_ecg_jax.finetune.data import _reusable, read_labels, write_records_streaming
-
   ids, _, _ = read_labels(train_dir)
   chosen = stratified_fraction(task_strata(task, task.targets(labels, column_names)), fraction, seed)
   directory = workdir / "data" / f"train_fraction-{fraction:g}-seed{seed}"
@@ -89,7 +88,7 @@ def subset_training_split(train_dir: pathlib.Path, task: Any, labels: np.ndarray
   if not _reusable(directory, job):
     wanted = {ids[i] for i in chosen}
     subset = (record for record in records_lib.iterate_records(train_dir) if record.record_id in wanted)
-    write_records_streaming(directory, subset, column_names, job, [])
+    records_lib.write_records(directory, subset, column_names, job=job)
   note = (f"training on {len(chosen)} of {len(ids)} records (train_fraction {fraction:g}, "
           f"fraction_seed {seed}, label-stratified) in {directory}")
   return directory, labels[chosen], note

@@ -16,9 +16,9 @@ from jax.experimental import multihost_utils
 from jax.sharding import Sharding
 from orbax.checkpoint import v1 as ocp
 
+from hubert_ecg_jax.config import HubertECGConfig
 from hubert_ecg_jax.model_dir import PARAMS_DIR, save_model, write_config_and_metadata
 from hubert_ecg_jax.parallel import host_copy
-from hubert_ecg_jax.config import HubertECGConfig
 
 STATE = "state"
 DATA = "data"
