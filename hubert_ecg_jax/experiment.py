@@ -181,6 +181,7 @@ def pretraining_config(size: str, iteration: int | str | None = None) -> ConfigD
       size=size,  # HubertECGConfig preset: tiny, small, base, large
       downsampling="x5",  # conv feature encoder: x5 (released, 93 frames), x10, wav2vec2
       compute_dtype="float32",  # "bfloat16": bf16 matrix products, float32 params and sums
+      remat=False,  # recompute each layer's activations in the backward pass (less device memory)
       vocab_sizes=(vocab,),  # K per codebook: must match the records' k-means targets
       dropout=0.1,  # hidden, attention and activation dropout
       layerdrop=layerdrop,

@@ -250,6 +250,7 @@ def _pretrain(config: ConfigDict, workdir: str | pathlib.Path) -> TrainResult:
                      f"but config.model.vocab_sizes has {len(m.vocab_sizes)}: {tuple(m.vocab_sizes)}")
   model_config = HubertECGConfig.preset(
       m.size, m.downsampling, vocab_sizes=tuple(m.vocab_sizes), compute_dtype=m.compute_dtype,
+      remat=m.remat,
       hidden_dropout=m.dropout, attention_dropout=m.dropout, activation_dropout=m.dropout,
       layerdrop=m.layerdrop, mask_time_prob=d.mask_prob, mask_time_length=d.mask_span,
       mask_time_min_masks=d.min_masks)
