@@ -5,7 +5,11 @@ from __future__ import annotations
 import re
 import shutil
 
+import jax
+import numpy as np
+
 from hubert_ecg_jax.cli import main
+from hubert_ecg_jax.pretrained import load_pretrained
 from hubert_ecg_jax.data.synthetic import write_wfdb_folder
 
 K = 16
@@ -54,6 +58,19 @@ def test_two_iterations_of_pretraining(tmp_path, sample_data_dir, capsys):
                str(tmp_path / "km2")]) == 0
   assert main(["targets", str(records), str(tmp_path / "f2"), str(tmp_path / "r2"), "--kmeans",
                str(tmp_path / "km2" / f"kmeans_k{K}.npz")]) == 0
-  out = _pretrain(tmp_path / "it2", tmp_path / "r2",
-                  [f"--config.model.init_from={tmp_path / 'it1' / 'model'}"], capsys)
+  init_from = f"--config.model.init_from={tmp_path / 'it1' / 'model'}"
+  out = _pretrain(tmp_path / "it2", tmp_path / "r2", [init_from], capsys)
   assert _metric(out, "train", "masked_accuracy") > 3 / K
+  # init_from is honoured: one step at the warm-up's learning rate of 0 exports the start, which is
+  # the iteration-1 model but for new label embeddings.
+  _pretrain(tmp_path / "it2_start", tmp_path / "r2", [init_from, "--config.train.total_steps=1"],
+            capsys)
+  _, previous = load_pretrained(tmp_path / "it1" / "model")
+  _, start = load_pretrained(tmp_path / "it2_start" / "model")
+  kept = [name for name in previous if not name.startswith("label_embedding")]
+  assert "encoder" in kept and "final_proj_0" in kept
+  for ours, theirs in zip(jax.tree.leaves({n: start[n] for n in kept}),
+                          jax.tree.leaves({n: previous[n] for n in kept})):
+    np.testing.assert_array_equal(ours, theirs)
+  assert not np.allclose(start["label_embedding_0"]["embedding"],
+                         previous["label_embedding_0"]["embedding"])
