@@ -83,8 +83,6 @@ import pathlib, sys
 import hubert_ecg_jax
 from hubert_ecg_jax.cli import main
 from hubert_ecg_jax.experiment import named_configs
-
-from conftest import block_imports
 assert pathlib.Path(hubert_ecg_jax.__file__).is_relative_to(pathlib.Path(sys.prefix)), hubert_ecg_jax.__file__
 for name in sorted(named_configs()):
   command = "pretrain" if name in {PRETRAIN_CONFIGS!r} else "finetune"
