@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import signal
-from typing import Any
 
 
 def register(subparsers) -> None:
