@@ -188,8 +188,10 @@ def pretraining_config(size: str, iteration: int | str | None = None) -> ConfigD
       init_from="",  # iteration >= 2: the previous iteration's model directory
   ))
   config.data = ConfigDict(dict(
-      train_dir="",  # records with targets (`hubert-ecg-jax targets` output)
-      val_dir="",  # records with targets for validation ("" = no validation)
+      train_dir="",  # records (`hubert-ecg-jax preprocess` output)
+      train_units="",  # their k-means units (`hubert-ecg-jax targets` output)
+      val_dir="",  # records for validation ("" = no validation)
+      val_units="",  # their units (with the same k-means models)
       batch_size=448,  # global batch, split over processes and devices
       mask_prob=0.33, mask_span=1, min_masks=2,
       honour_padding=True,  # False: mask padding frames too, as the original

@@ -146,6 +146,19 @@ def embedding_fn(config: HubertECGConfig, layer: int | None = None, pool: str = 
   return embed
 
 
+def hidden_state_features(model: str | pathlib.Path, layer: int | None = None,
+                          compute_dtype: str | None = None, batch_size: int = 64
+                          ) -> tuple[Callable[[np.ndarray, np.ndarray], np.ndarray], dict[str, Any]]:
+  """Iteration-n features of the k-means targets: (x, mask) -> hidden state `layer` (None: the
+  middle one) of a model, (batch, frames, hidden) float32, computed on every local device."""
+  config, backbone = load_backbone(model, compute_dtype)
+  layer = config.num_hidden_layers // 2 if layer is None else layer
+  runner = BatchRunner(embedding_fn(config, layer, pool="none"), batch_size)
+  description = {"kind": "hidden_states", "model": str(model), "layer": layer,
+                 "hidden_size": config.hidden_size, "compute_dtype": config.compute_dtype}
+  return (lambda x, mask: runner(backbone, x, mask).astype(np.float32)), description
+
+
 # ------------------------------------------------------------------------------------------------
 # Inputs
 

@@ -1,6 +1,6 @@
 """`hubert-ecg-jax demo OUT`: the whole journey on a tiny model, each step the command a user would run.
 
-synthetic (or your) ECGs -> preprocess -> iteration-1 features -> k-means -> targets -> pretrain
+synthetic (or your) ECGs -> preprocess -> iteration-1 feature sample -> k-means -> units -> pretrain
 -> finetune (from the pre-trained backbone) -> evaluate -> predict one ECG with a plot.
 """
 from __future__ import annotations
@@ -93,16 +93,18 @@ def run(args: argparse.Namespace) -> int:
   for split in SPLITS:
     _step(f"preprocess the {split} records", ["preprocess", str(raw[split]), str(records[split]),
                                              "--shards", "2", "--quiet"])
-  _step("iteration-1 frame features", ["features", str(records["train"]), str(out / "features"),
-                                       "--feature-set", "mixed"])
+  _step("a sample of iteration-1 frame features", ["features", str(records["train"]),
+                                                   str(out / "features"), "--feature-set", "mixed"])
   _step("k-means targets", ["cluster", "--features", str(out / "features"), "--k", str(args.k),
                             "--out", str(out / "kmeans")])
   kmeans = out / "kmeans" / f"kmeans_k{args.k}.npz"
-  _step("write the units into the records", ["targets", str(records["train"]), str(out / "features"),
-                                             str(out / "records_targets"), "--kmeans", str(kmeans)])
+  _step("the units of every record (the pre-training targets)", [
+      "targets", str(records["train"]), str(out / "units"), "--kmeans", str(kmeans),
+      "--feature-set", "mixed", "--quiet"])
   _step("pre-train a tiny HuBERT-ECG", [
       "pretrain", "demo_pretrain", str(out / "pretrain"),
-      f"--config.data.train_dir={out / 'records_targets'}", f"--config.model.vocab_sizes={args.k}",
+      f"--config.data.train_dir={records['train']}", f"--config.data.train_units={out / 'units'}",
+      f"--config.model.vocab_sizes={args.k}",
       f"--config.train.total_steps={args.pretrain_steps}"])
   _step("fine-tune from the pre-trained backbone", [
       "finetune", "finetune_demo", str(out / "finetune"), "--no-test",
@@ -126,8 +128,8 @@ def run(args: argparse.Namespace) -> int:
 
 Outputs under {out}/:
   raw/                 the ECGs (WFDB)              records/          preprocessed TFRecord shards
-  features/, kmeans/   iteration-1 features, k-means (kmeans/summary.json)
-  records_targets/     records with k-means units   pretrain/         checkpoints, tensorboard/, model/
+  features/, kmeans/   a feature sample, k-means    units/            the records' k-means units
+  pretrain/            checkpoints, tensorboard/, model/
   finetune/            best_model/, tensorboard/    evaluation/       metrics.json, metrics.csv, ROC and AUROC plots
   prediction/          predictions.csv and the plotted ECG (with the attribution heat of AF)
 
@@ -137,7 +139,7 @@ Try next:
   hubert-ecg-jax evaluate {model} {records['test']} --out {out}/evaluation_I_II --leads I,II
                                                                 # what losing 10 leads costs
   hubert-ecg-jax features {records['train']} {out}/features_it2 --model {out}/pretrain/model --layer 1
-                                                                # iteration-2 targets from the model
+                                                                # iteration 2: features of the model
   hubert-ecg-jax convert PATH/TO/hubert-ecg-small DIR         # the released weights (see README)""")
   return 0 if macro_auroc > 0.5 else 1
 

@@ -1,52 +1,45 @@
-"""`hubert-ecg-jax features RECORDS OUT`: frame features of every record, for k-means targets."""
+"""`hubert-ecg-jax features RECORDS OUT`: a reproducible sample of frame features, for `cluster`."""
 from __future__ import annotations
 
 import argparse
 
-from hubert_ecg_jax.commands import add_compute_dtype_argument
+from hubert_ecg_jax.commands import add_compute_dtype_argument, add_feature_source_arguments
 
 
 def register(subparsers) -> None:
   p = subparsers.add_parser(
-      "features", help="dump per-frame features of every record (iteration 1: hand-made; "
-      "iteration n: a model's hidden states)",
-      description="Reads a records directory written by `preprocess` and writes, for each shard, "
-      "OUT/<shard>.npy (records, 93, dim) float32 and OUT/<shard>.ids.json, computed on the first "
-      "5 s of each record (where pre-training targets live). Iteration 1: --feature-set "
-      "stats|mfcc|mixed (frames aligned with the encoder's receptive fields). Iteration 2 and "
-      "later: --model DIR --layer K, the hidden states of layer K of the previous iteration's "
-      "model. Resumable: finished shards are skipped. Then run `cluster --features OUT`.")
+      "features", help="sample per-frame features of the records for the k-means fit (iteration 1: "
+      "hand-made; iteration n: a model's hidden states)",
+      description="Draws whole records at random (--seed) from a records directory written by "
+      "`preprocess`, computes the features of the 93 frames of their first 5 s (where pre-training "
+      "targets live) and keeps --frames of those frames: OUT/sample.npy (frames, dim) float32 and "
+      "OUT/features.json. Only the drawn records are read past their shard's index. Iteration 1: "
+      "--feature-set stats|mfcc|mixed (frames aligned with the encoder's receptive fields). "
+      "Iteration 2 and later: --model DIR --layer K, the hidden states of layer K of the previous "
+      "iteration's model, on every local device. Then `cluster --features OUT`, and `targets` with "
+      "the same feature options for the units of every record.")
   p.add_argument("records", help="records directory (manifest.json + shards)")
-  p.add_argument("out", help="output features directory")
-  source = p.add_mutually_exclusive_group(required=True)
-  source.add_argument("--feature-set", choices=("stats", "mfcc", "mixed"),
-                      help="iteration-1 hand-made features")
-  source.add_argument("--model", help="model (our model dir, HF dir or .pt) whose hidden states "
-                      "are the features (iteration 2+)")
-  p.add_argument("--layer", type=int, default=None,
-                 help="with --model: hidden-state index, 0 = encoder input .. L = last layer "
-                 "(default: the middle layer)")
+  p.add_argument("out", help="output folder (must be empty or absent; see --overwrite)")
+  add_feature_source_arguments(p)
+  p.add_argument("--frames", type=int, default=500_000,
+                 help="frames in the sample (default 500000, about 5400 records; all the records' "
+                 "frames when they are fewer)")
+  p.add_argument("--seed", type=int, default=0, help="seed of the draw (default 0)")
   p.add_argument("--batch-size", type=int, default=32, help="records per batch (default 32)")
   add_compute_dtype_argument(p)
+  p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+  p.add_argument("--quiet", action="store_true", help="no progress bar")
   p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-  from hubert_ecg_jax.targets import dump
+  from hubert_ecg_jax.commands import feature_source
+  from hubert_ecg_jax.targets.stream import sample_features
 
-  if args.batch_size < 1:
-    raise ValueError(f"--batch-size must be positive, found {args.batch_size}")
-  if args.feature_set:
-    if args.layer is not None or args.compute_dtype is not None:
-      raise ValueError("--layer and --compute-dtype go with --model, not with --feature-set")
-    features, description = dump.handmade_features(args.feature_set)
-  else:
-    layer = args.layer
-    if layer is None:
-      from hubert_ecg_jax.pretrained import load_pretrained
-      layer = load_pretrained(args.model)[0].num_hidden_layers // 2
-    features, description = dump.hidden_state_features(args.model, layer, args.compute_dtype)
-  summary = dump.dump_features(args.records, args.out, features, description, args.batch_size)
-  print(f"features of {summary['num_records']} records ({summary['dim']} per frame, "
-        f"{description}) -> {args.out}")
+  features, description = feature_source(args)
+  summary = sample_features(args.records, args.out, features, description, frames=args.frames,
+                            seed=args.seed, batch_size=args.batch_size, overwrite=args.overwrite,
+                            show_progress=not args.quiet)
+  print(f"{summary['frames']} frames of {summary['records_drawn']} records ({summary['dim']} values "
+        f"per frame, {description}) -> {args.out}/sample.npy")
   return 0

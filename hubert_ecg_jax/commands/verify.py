@@ -1,4 +1,4 @@
-"""`hubert-ecg-jax verify RECORDS_DIR`: read every shard and record, report the bad shards."""
+"""`hubert-ecg-jax verify DIR`: read every shard and record of a records or units directory."""
 from __future__ import annotations
 
 import argparse
@@ -6,12 +6,13 @@ import argparse
 
 def register(subparsers) -> None:
   p = subparsers.add_parser(
-      "verify", help="check a records (or targets) directory: every shard read, every record decoded",
-      description="Reads every shard of RECORDS_DIR (a `preprocess` or `targets` output), checking "
-      "each record's checksums, decodes every record against the schema, and checks counts, "
-      "record ids, label counts and target shapes against the manifest, on all cores. Prints a "
-      "table of the bad shards and exits 1 if there is any. Run it before a long job.")
-  p.add_argument("directory", metavar="RECORDS_DIR", help="records directory with manifest.json")
+      "verify", help="check a records (or units) directory: every shard read, every record decoded",
+      description="Reads every shard of DIR (a `preprocess` or `targets` output), checking each "
+      "record's checksums, decodes every record against the schema, and checks counts, record "
+      "ids, label counts and the units' shape and range against the manifest, on all cores. "
+      "Prints a table of the bad shards and exits 1 if there is any. Run it before a long job.")
+  p.add_argument("directory", metavar="DIR",
+                 help="records directory (manifest.json) or units directory (units.json)")
   p.add_argument("--workers", type=int, default=None,
                  help="processes reading shards (default: one per CPU core)")
   p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import pathlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,6 +13,7 @@ import numpy as np
 from hubert_ecg_jax.config import HubertECGConfig
 from hubert_ecg_jax.config import MODEL_INPUT_LENGTH, NUM_LEADS
 from hubert_ecg_jax.data import records as records_lib
+from hubert_ecg_jax.data import units as units_lib
 from hubert_ecg_jax.data.online import fast_model_inputs
 from hubert_ecg_jax.data.preprocess import WINDOW_SAMPLES
 from hubert_ecg_jax.train.masking import sample_span_mask
@@ -29,7 +29,6 @@ class PipelineConfig:
   train_crop: str = "random"  # "random": uniform aligned 5-s window; "first": the first 5 s
   eval_crop: str = "first"  # "first", "tta" (evenly spaced) or "random" (seeded) windows
   eval_crops: int = 1  # windows per record for "tta" and "random"
-  with_targets: bool = False  # pre-training: yield targets (and masks in training)
   mask_prob: float = 0.33
   mask_span: int = 1
   min_masks: int = 2
@@ -55,9 +54,6 @@ class PipelineConfig:
       problems.append(f"eval_crop must be 'first', 'tta' or 'random', found {self.eval_crop!r}")
     if self.eval_crops < 1 or (self.eval_crop == "first" and self.eval_crops != 1):
       problems.append(f"eval_crops must be 1 for 'first' and at least 1 otherwise, found {self.eval_crops}")
-    if self.with_targets and (self.train_crop != "first" or self.eval_crop != "first"):
-      problems.append("targets belong to the first 5 s of a record: with_targets needs train_crop "
-                      f"and eval_crop 'first', found {self.train_crop!r} and {self.eval_crop!r}")
     for name in ("shuffle_buffer", "cycle_length", "parallel_batches", "prefetch_batches"):
       if getattr(self, name) < 1:
         problems.append(f"{name} must be at least 1, found {getattr(self, name)}")
@@ -111,18 +107,31 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
     tf.train.Checkpoint(iterator=self._iterator).read(str(path)).assert_consumed()
 
 
-def _host_files(directory: str | os.PathLike, config: PipelineConfig
-                ) -> tuple[records_lib.RecordsManifest, list[str], bool]:
-  """The manifest, this host's shard files, and whether records (not files) are split between hosts."""
+@dataclasses.dataclass(frozen=True)
+class _HostFiles:
+  """What one host reads: its records shards (and their units shards), and whether records, not
+  files, are split between the hosts (fewer files than hosts)."""
+  manifest: records_lib.RecordsManifest
+  records: list[str]
+  units: list[str] | None
+  units_shape: tuple[int, int] | None  # (codebooks, frames)
+  split_records: bool
+
+
+def _host_files(directory: str | os.PathLike, config: PipelineConfig, units_dir: str | None,
+                crop: str) -> _HostFiles:
   manifest = records_lib.read_manifest(directory)
   paths = [str(p) for p in records_lib.shard_paths(directory, manifest)]
-  if config.with_targets:
-    if not manifest.target_codebooks:
-      raise ValueError(f"records in {directory} have no pre-training targets; add them with "
-                       "records.rewrite_with_targets (the k-means dump does this)")
-    if manifest.target_frames != config.num_frames:
-      raise ValueError(f"targets in {directory} have {manifest.target_frames} frames per record; "
-                       f"the model makes {config.num_frames} of a 5-s input")
+  units_paths, units_shape = None, None
+  if units_dir is not None:
+    if crop != "first":
+      raise ValueError(f"units belong to the first 5 s of a record: reading them needs the crop "
+                       f"'first', found {crop!r}")
+    units, found = units_lib.matched_units(units_dir, directory, manifest)
+    if units.frames != config.num_frames:
+      raise ValueError(f"the units in {units_dir} have {units.frames} frames per record; the model "
+                       f"makes {config.num_frames} of a 5-s input")
+    units_paths, units_shape = [str(p) for p in found], (units.codebooks, units.frames)
   index, count = config.hosts()
   split_records = len(paths) < count
   counts = [shard.num_records for shard in manifest.shards]
@@ -131,7 +140,10 @@ def _host_files(directory: str | os.PathLike, config: PipelineConfig
   if host_records == 0:
     raise ValueError(f"host {index} of {count} gets no records from {directory} "
                      f"({manifest.num_records} records in {len(paths)} shard files)")
-  return manifest, (paths if split_records else paths[index::count]), split_records
+  if not split_records:
+    paths = paths[index::count]
+    units_paths = None if units_paths is None else units_paths[index::count]
+  return _HostFiles(manifest, paths, units_paths, units_shape, split_records)
 
 
 def _options(config: PipelineConfig) -> Any:
@@ -165,18 +177,40 @@ def _crop_offsets(tf: Any, num_samples: Any, mode: str, count: int, seed: Any) -
   return tf.cast(tf.round(spaced), tf.int32)
 
 
-def _record_stream(tf: Any, paths: list[str], config: PipelineConfig, split_records: bool,
-                   file_seed: Any | None) -> Any:
-  """Serialized examples of this host's part of one pass over the files."""
-  files = tf.data.Dataset.from_tensor_slices(paths)
-  if file_seed is not None:
-    files = files.shuffle(len(paths), seed=file_seed)
-  stream = files.interleave(tf.data.TFRecordDataset, cycle_length=min(config.cycle_length, len(paths)),
-                            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  if split_records:
+def _record_stream(tf: Any, files: _HostFiles, config: PipelineConfig, file_seed: Any | None) -> Any:
+  """This host's part of one pass over the files: serialized examples, or (example, units) pairs
+  read side by side from a records shard and its units shard."""
+  if files.units is None:
+    shards = tf.data.Dataset.from_tensor_slices(files.records)
+    read = tf.data.TFRecordDataset
+  else:
+    shards = tf.data.Dataset.from_tensor_slices((files.records, files.units))
+    read = lambda records, units: tf.data.Dataset.zip((tf.data.TFRecordDataset(records),
+                                                       tf.data.TFRecordDataset(units)))
+  if file_seed is not None:  # the same permutation with or without units
+    shards = shards.shuffle(len(files.records), seed=file_seed)
+  stream = shards.interleave(read, cycle_length=min(config.cycle_length, len(files.records)),
+                             num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  if files.split_records:
     index, count = config.hosts()
     stream = stream.shard(count, index)
   return stream
+
+
+def _parse(tf: Any, element: Any, files: _HostFiles) -> dict[str, Any]:
+  """The parsed record of a stream element, with its units as "targets" when there are units."""
+  if files.units is None:
+    return records_lib.parse_example(element, files.manifest.num_labels)
+  serialized, serialized_units = element
+  parsed = records_lib.parse_example(serialized, files.manifest.num_labels)
+  units = units_lib.parse_units(serialized_units, files.units_shape)
+  in_step = tf.debugging.assert_equal(
+      parsed["record_id"], units["record_id"],
+      message="a units shard is out of step with its records shard (another records directory's "
+      "units?): write the units again with `hubert-ecg-jax targets`")
+  with tf.control_dependencies([in_step]):
+    parsed["targets"] = tf.identity(units["targets"])
+  return parsed
 
 
 def _element(parsed: dict[str, Any], windows: Any, offsets: Any) -> dict[str, Any]:
@@ -187,20 +221,21 @@ def _element(parsed: dict[str, Any], windows: Any, offsets: Any) -> dict[str, An
   return element
 
 
-def train_windows_dataset(directory: str | os.PathLike, config: PipelineConfig) -> Any:
-  """Endless batches of training windows before the online stage: windows float32 (B, 12, 2500)."""
+def train_windows_dataset(directory: str | os.PathLike, config: PipelineConfig,
+                          units_dir: str | os.PathLike | None = None) -> Any:
+  """Endless batches of training windows before the online stage: windows float32 (B, 12, 2500),
+  and the records' units as targets int32 (B, codebooks, frames) when `units_dir` is given."""
   tf = records_lib.import_tensorflow()
   config = config.resolved()
-  manifest, paths, split_records = _host_files(directory, config)
+  files = _host_files(directory, config, units_dir, config.train_crop)
   index, count = config.hosts()
-  target_shape = (manifest.target_codebooks, manifest.target_frames) if config.with_targets else None
 
   def epoch(epoch_index: Any) -> Any:
     epoch_seed = tf.constant(config.seed, tf.int64) * _EPOCH_SEED_STRIDE + epoch_index
-    stream = _record_stream(tf, paths, config, split_records, epoch_seed).enumerate()
+    stream = _record_stream(tf, files, config, epoch_seed).enumerate()
 
-    def window(position: Any, serialized: Any) -> dict[str, Any]:
-      parsed = records_lib.parse_example(serialized, manifest.num_labels, target_shape)
+    def window(position: Any, element: Any) -> dict[str, Any]:
+      parsed = _parse(tf, element, files)
       crop_seed = tf.stack([epoch_seed, position * count + index])
       offsets = _crop_offsets(tf, parsed["num_samples"], config.train_crop, 1, crop_seed)
       return _element(parsed, _crop(tf, parsed["signal"], offsets, 1)[0], offsets[0])
@@ -212,17 +247,17 @@ def train_windows_dataset(directory: str | os.PathLike, config: PipelineConfig) 
   return dataset.batch(config.batch_size, drop_remainder=True).with_options(_options(config))
 
 
-def eval_windows_dataset(directory: str | os.PathLike, config: PipelineConfig) -> Any:
+def eval_windows_dataset(directory: str | os.PathLike, config: PipelineConfig,
+                         units_dir: str | os.PathLike | None = None) -> Any:
   """One pass of evaluation windows, batched, before the online stage (last batch may be short)."""
   tf = records_lib.import_tensorflow()
   config = config.resolved()
-  manifest, paths, split_records = _host_files(directory, config)
+  files = _host_files(directory, config, units_dir, config.eval_crop)
   index, count = config.hosts()
-  target_shape = (manifest.target_codebooks, manifest.target_frames) if config.with_targets else None
-  stream = _record_stream(tf, paths, config, split_records, None).enumerate()
+  stream = _record_stream(tf, files, config, None).enumerate()
 
-  def windows(position: Any, serialized: Any) -> Any:
-    parsed = records_lib.parse_example(serialized, manifest.num_labels, target_shape)
+  def windows(position: Any, element: Any) -> Any:
+    parsed = _parse(tf, element, files)
     crop_seed = tf.stack([tf.constant(config.seed, tf.int64), position * count + index])
     offsets = _crop_offsets(tf, parsed["num_samples"], config.eval_crop, config.eval_crops, crop_seed)
     windows = tf.stack(_crop(tf, parsed["signal"], offsets, config.eval_crops))  # (k, 12, 2500)
@@ -277,23 +312,29 @@ def _with_online_stage(windows_dataset: Any, config: PipelineConfig, with_masks:
   return dataset.prefetch(config.prefetch_batches).with_options(_options(config))
 
 
-def train_dataset(directory: str | os.PathLike, config: PipelineConfig) -> Any:
-  """The endless training tf.data.Dataset of batch dicts (see the module docstring)."""
+def train_dataset(directory: str | os.PathLike, config: PipelineConfig,
+                  units_dir: str | os.PathLike | None = None) -> Any:
+  """The endless training tf.data.Dataset of batch dicts; with `units_dir` (pre-training) each
+  batch carries the records' units as targets and span masks."""
   config = config.resolved()
-  return _with_online_stage(train_windows_dataset(directory, config), config, config.with_targets)
+  return _with_online_stage(train_windows_dataset(directory, config, units_dir), config,
+                            with_masks=units_dir is not None)
 
 
-def eval_dataset(directory: str | os.PathLike, config: PipelineConfig) -> Any:
-  """One evaluation pass as a tf.data.Dataset of batch dicts (see the module docstring)."""
+def eval_dataset(directory: str | os.PathLike, config: PipelineConfig,
+                 units_dir: str | os.PathLike | None = None) -> Any:
+  """One evaluation pass as a tf.data.Dataset of batch dicts (targets too with `units_dir`)."""
   config = config.resolved()
-  return _with_online_stage(eval_windows_dataset(directory, config), config, False)
+  return _with_online_stage(eval_windows_dataset(directory, config, units_dir), config, False)
 
 
-def make_train_iterator(directory: str | os.PathLike, config: PipelineConfig) -> BatchIterator:
+def make_train_iterator(directory: str | os.PathLike, config: PipelineConfig,
+                        units_dir: str | os.PathLike | None = None) -> BatchIterator:
   """Endless training batches of this host, as numpy dicts."""
-  return BatchIterator(train_dataset(pathlib.Path(directory), config))
+  return BatchIterator(train_dataset(directory, config, units_dir))
 
 
-def make_eval_iterator(directory: str | os.PathLike, config: PipelineConfig) -> BatchIterator:
+def make_eval_iterator(directory: str | os.PathLike, config: PipelineConfig,
+                       units_dir: str | os.PathLike | None = None) -> BatchIterator:
   """One evaluation pass over this host's records, as numpy dicts."""
-  return BatchIterator(eval_dataset(pathlib.Path(directory), config))
+  return BatchIterator(eval_dataset(directory, config, units_dir))

@@ -8,14 +8,13 @@ import json
 import math
 import os
 import pathlib
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from hubert_ecg_jax.config import NUM_LEADS
 from hubert_ecg_jax.files import atomic_path, write_json_atomic
-from hubert_ecg_jax.progress import progress_bar
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "hubert-ecg-jax/records"
@@ -34,7 +33,6 @@ class StoredRecord:
   source_fs: float
   age: float = math.nan
   sex: int = SEX_UNKNOWN
-  targets: np.ndarray | None = None  # int32 (codebooks, frames)
 
   def __post_init__(self) -> None:
     signal = np.asarray(self.signal)
@@ -47,12 +45,6 @@ class StoredRecord:
     self.labels = labels.astype(np.float32)
     if self.sex not in (SEX_FEMALE, SEX_MALE, SEX_UNKNOWN):
       raise ValueError(f"record {self.record_id!r}: sex must be 0, 1 or -1, found {self.sex!r}")
-    if self.targets is not None:
-      targets = np.asarray(self.targets)
-      if targets.ndim != 2 or not np.issubdtype(targets.dtype, np.integer):
-        raise ValueError(f"record {self.record_id!r}: targets must be integer (codebooks, frames), "
-                         f"found {targets.dtype} {targets.shape}")
-      self.targets = targets.astype(np.int32)
 
 
 @dataclasses.dataclass
@@ -72,9 +64,6 @@ class RecordsManifest:
   source_sampling_rates: dict[str, int] = dataclasses.field(default_factory=dict)  # Hz -> count
   preprocessing: dict[str, Any] = dataclasses.field(default_factory=dict)
   failures: list[dict[str, str]] = dataclasses.field(default_factory=list)  # {"path", "reason"}
-  target_codebooks: int = 0
-  target_frames: int = 0
-  targets_info: dict[str, Any] = dataclasses.field(default_factory=dict)
 
   @property
   def num_labels(self) -> int:
@@ -119,8 +108,6 @@ def encode_example(record: StoredRecord) -> bytes:
   """Serialises one record as a `tf.train.Example`."""
   tf = import_tensorflow()
   signal = np.ascontiguousarray(record.signal, dtype="<f4")
-  targets = (np.zeros((0, 0), "<i4") if record.targets is None
-             else np.ascontiguousarray(record.targets, dtype="<i4"))
 
   def as_bytes(value: bytes) -> Any:
     return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
@@ -140,9 +127,6 @@ def encode_example(record: StoredRecord) -> bytes:
       "labels": as_floats(record.labels.tolist()),
       "age": as_floats([record.age]),
       "sex": as_int(record.sex),
-      "target_codebooks": as_int(targets.shape[0]),
-      "target_frames": as_int(targets.shape[1]),
-      "targets": as_bytes(targets.tobytes()),
   }
   example = tf.train.Example(features=tf.train.Features(feature=features))
   return example.SerializeToString()
@@ -154,11 +138,6 @@ def decode_example(serialized: bytes) -> StoredRecord:
   feature = tf.train.Example.FromString(serialized).features.feature
   num_samples = feature["num_samples"].int64_list.value[0]
   signal = np.frombuffer(feature["signal"].bytes_list.value[0], dtype="<f4")
-  codebooks = feature["target_codebooks"].int64_list.value[0]
-  frames = feature["target_frames"].int64_list.value[0]
-  targets = None
-  if codebooks:
-    targets = np.frombuffer(feature["targets"].bytes_list.value[0], "<i4").reshape(codebooks, frames)
   return StoredRecord(
       record_id=feature["record_id"].bytes_list.value[0].decode(),
       source=feature["source"].bytes_list.value[0].decode(),
@@ -166,17 +145,14 @@ def decode_example(serialized: bytes) -> StoredRecord:
       labels=np.asarray(feature["labels"].float_list.value, np.float32),
       source_fs=float(feature["source_fs"].float_list.value[0]),
       age=float(feature["age"].float_list.value[0]),
-      sex=int(feature["sex"].int64_list.value[0]),
-      targets=targets)
+      sex=int(feature["sex"].int64_list.value[0]))
 
 
-def parse_example(serialized: Any, num_labels: int, target_shape: tuple[int, int] | None = None
-                  ) -> dict[str, Any]:
+def parse_example(serialized: Any, num_labels: int) -> dict[str, Any]:
   """Parses one serialized example inside tf.data.
 
   Returns tensors: signal float32 (12, n), num_samples int64, record_id string, source string,
-  source_fs, age float32, sex int64, labels float32 (num_labels,), and, when `target_shape`
-  (codebooks, frames) is given, targets int32 (codebooks, frames).
+  source_fs, age float32, sex int64, labels float32 (num_labels,).
   """
   tf = import_tensorflow()
   spec = {
@@ -189,14 +165,9 @@ def parse_example(serialized: Any, num_labels: int, target_shape: tuple[int, int
       "age": tf.io.FixedLenFeature([], tf.float32),
       "sex": tf.io.FixedLenFeature([], tf.int64),
   }
-  if target_shape is not None:
-    spec["targets"] = tf.io.FixedLenFeature([], tf.string)
   parsed = tf.io.parse_single_example(serialized, spec)
   signal = tf.io.decode_raw(parsed["signal"], tf.float32, little_endian=True)
   parsed["signal"] = tf.reshape(signal, [NUM_LEADS, -1])
-  if target_shape is not None:
-    targets = tf.io.decode_raw(parsed["targets"], tf.int32, little_endian=True)
-    parsed["targets"] = tf.reshape(targets, list(target_shape))
   return parsed
 
 
@@ -259,11 +230,12 @@ def write_records(directory: str | os.PathLike, records: Iterable[StoredRecord],
                   label_names: Iterable[str], num_shards: int | None = None,
                   job: Mapping[str, Any] | None = None, failures: Sequence[Mapping[str, str]] = ()
                   ) -> RecordsManifest:
-  """Writes records (e.g. synthetic or prepared ones) as a complete records directory.
+  """Writes records (e.g. synthetic or prepared ones) as a complete records directory, staged and
+  renamed into place with its manifest, so a failure leaves nothing behind.
 
   num_shards: contiguous blocks in the order given; None: streaming, `RECORDS_PER_SHARD` records a
-  shard (one shard in memory at a time). All records must have as many labels as `label_names` and
-  targets of one shape or none. `failures` ({"path", "reason"}) are kept in the manifest.
+  shard (one shard in memory at a time). All records must have as many labels as `label_names`.
+  `failures` ({"path", "reason"}) are kept in the manifest.
   """
   if num_shards is None:
     blocks = _chunks(records, RECORDS_PER_SHARD)
@@ -273,17 +245,37 @@ def write_records(directory: str | os.PathLike, records: Iterable[StoredRecord],
       raise ValueError(f"num_shards must be in 1..{max(len(records), 1)}, found {num_shards}")
     bounds = [len(records) * i // num_shards for i in range(num_shards + 1)]
     blocks = (records[bounds[i]:bounds[i + 1]] for i in range(num_shards))
-  label_names = [str(name) for name in label_names]
+  directory = pathlib.Path(directory)
+  if (directory / MANIFEST_NAME).exists():
+    raise FileExistsError(f"{directory} already holds a records manifest; choose an empty directory")
+  # Shards without a manifest are an interrupted write of an earlier version: replaced.
+  if directory.exists() and any(not p.match("records-*.tfrecord") for p in directory.iterdir()):
+    raise FileExistsError(f"{directory} holds other files; choose an empty directory")
+  manifest = RecordsManifest(dict(job or {"written_by": "records.write_records"}),
+                             [str(name) for name in label_names], [], failures=list(failures))
 
-  def checked(block: Iterable[StoredRecord]) -> Iterator[StoredRecord]:
+  def examples(block: Iterable[StoredRecord]) -> Iterator[bytes]:
     for record in block:
-      if record.labels.shape != (len(label_names),):
-        raise ValueError(f"record {record.record_id!r} does not have {len(label_names)} labels")
-      yield record
+      if record.labels.shape != (manifest.num_labels,):
+        raise ValueError(f"record {record.record_id!r} does not have {manifest.num_labels} labels")
+      rate = f"{record.source_fs:g}"
+      manifest.source_sampling_rates[rate] = manifest.source_sampling_rates.get(rate, 0) + 1
+      yield encode_example(record)
 
-  job = dict(job or {"written_by": "records.write_records"})
-  return _write_directory(directory, (checked(block) for block in blocks), None,
-                          RecordsManifest(job, label_names, [], failures=list(failures)))
+  with atomic_path(directory, folder=True) as staging:
+    counts = [write_shard(staging / f"block-{index}", examples(block))
+              for index, block in enumerate(blocks)]
+    if not counts:
+      raise ValueError(f"no record to write to {directory} ({len(manifest.failures)} failed, e.g. "
+                       f"{manifest.failures[:2]})")
+    for index, count in enumerate(counts):  # the shard count is known only now
+      name = shard_file_name(index, len(counts))
+      os.replace(staging / f"block-{index}", staging / name)
+      manifest.shards.append(ShardInfo(name, count))
+    manifest.num_records = sum(counts)
+    manifest.complete = True
+    write_manifest(staging, manifest)
+  return manifest
 
 
 def _chunks(records: Iterable[StoredRecord], size: int) -> Iterator[list[StoredRecord]]:
@@ -295,89 +287,3 @@ def _chunks(records: Iterable[StoredRecord], size: int) -> Iterator[list[StoredR
       block = []
   if block:
     yield block
-
-
-def _write_directory(directory: str | os.PathLike, blocks: Iterable[Iterable[StoredRecord]],
-                     names: Sequence[str] | None, manifest: RecordsManifest) -> RecordsManifest:
-  """The one records writer: each block a shard (named `names`, else `shard_file_name`), staged
-  and renamed into place with its manifest, so a failure leaves nothing behind."""
-  directory = pathlib.Path(directory)
-  if (directory / MANIFEST_NAME).exists():
-    raise FileExistsError(f"{directory} already holds a records manifest; choose an empty directory")
-  # Shards without a manifest are an interrupted write of an earlier version: replaced.
-  if directory.exists() and any(not p.match("records-*.tfrecord") for p in directory.iterdir()):
-    raise FileExistsError(f"{directory} holds other files; choose an empty directory")
-  shapes: set[tuple[int, ...] | None] = set()
-  with atomic_path(directory, folder=True) as staging:
-    written = []
-    for index, block in enumerate(blocks):
-
-      def examples(block: Iterable[StoredRecord] = block) -> Iterator[bytes]:
-        for record in block:
-          shape = None if record.targets is None else record.targets.shape
-          if shapes and shape not in shapes:
-            raise ValueError(f"record {record.record_id!r}: targets shape {shape} differs from the "
-                             f"first record's {next(iter(shapes))}")
-          shapes.add(shape)
-          rate = f"{record.source_fs:g}"
-          manifest.source_sampling_rates[rate] = manifest.source_sampling_rates.get(rate, 0) + 1
-          yield encode_example(record)
-
-      name = names[index] if names else f"block-{index}"
-      written.append((name, write_shard(staging / name, examples())))
-    if not written:
-      raise ValueError(f"no record to write to {directory} ({len(manifest.failures)} failed, e.g. "
-                       f"{manifest.failures[:2]})")
-    for index, (name, count) in enumerate(written):
-      if not names:  # the count is known only now
-        name = shard_file_name(index, len(written))
-        os.replace(staging / f"block-{index}", staging / name)
-      manifest.shards.append(ShardInfo(name, count))
-    codebooks, frames = next(iter(shapes)) or (0, 0)
-    manifest.num_records = sum(shard.num_records for shard in manifest.shards)
-    manifest.complete = True
-    manifest.target_codebooks, manifest.target_frames = int(codebooks), int(frames)
-    write_manifest(staging, manifest)
-  return manifest
-
-
-TargetsSource = Mapping[str, np.ndarray] | Callable[[StoredRecord], np.ndarray]
-
-
-def rewrite_with_targets(src_dir: str | os.PathLike, dst_dir: str | os.PathLike,
-                         targets: TargetsSource, targets_info: Mapping[str, Any] | None = None,
-                         show_progress: bool = True) -> RecordsManifest:
-  """Copies a records directory, adding pretraining targets to every record.
-
-  `targets` maps record_id to int (codebooks, frames), or is called with each `StoredRecord`.
-  Every record must get targets of the same shape. The copy keeps the source's shard layout;
-  `targets_info` (e.g. which k-means model) is stored in the manifest.
-  """
-  src_dir, dst_dir = pathlib.Path(src_dir), pathlib.Path(dst_dir)
-  if src_dir.resolve() == dst_dir.resolve():
-    raise ValueError(f"rewrite_with_targets needs a destination other than its source {src_dir}")
-  manifest = read_manifest(src_dir)
-  paths = shard_paths(src_dir, manifest)
-  lookup = targets if callable(targets) else None
-  progress = progress_bar(total=manifest.num_records, desc="adding targets", unit="ECG",
-                  disable=not show_progress)
-
-  def with_targets(path: pathlib.Path) -> Iterator[StoredRecord]:
-    for serialized in iterate_shard(path):
-      record = decode_example(serialized)
-      if lookup is not None:
-        record_targets = lookup(record)
-      elif record.record_id in targets:
-        record_targets = targets[record.record_id]
-      else:
-        raise ValueError(f"no targets given for record {record.record_id!r} (from {record.source})")
-      record.targets = np.asarray(record_targets)
-      record.__post_init__()
-      progress.update(1)
-      yield record
-
-  copy = RecordsManifest(dict(manifest.job, targets_added_from=str(src_dir)), manifest.label_names,
-                         [], preprocessing=manifest.preprocessing, failures=manifest.failures,
-                         targets_info=dict(targets_info or {}))
-  with progress:
-    return _write_directory(dst_dir, map(with_targets, paths), [path.name for path in paths], copy)

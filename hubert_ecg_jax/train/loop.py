@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from hubert_ecg_jax.config import MODEL_INPUT_LENGTH, HubertECGConfig
 from hubert_ecg_jax.data.pipeline import PipelineConfig, make_eval_iterator, make_train_iterator
-from hubert_ecg_jax.data.records import read_manifest
+from hubert_ecg_jax.data.units import read_units_manifest
 from hubert_ecg_jax.model import HubertECG
 from hubert_ecg_jax.parallel import hold_run_directory, make_launcher
 from hubert_ecg_jax.pretrained import load_pretrained
@@ -237,17 +237,18 @@ def pretrain(config: ConfigDict, workdir: str | pathlib.Path) -> TrainResult:
 
 def _pretrain(config: ConfigDict, workdir: str | pathlib.Path) -> TrainResult:
   m, d, o, t = config.model, config.data, config.optimizer, config.train
-  if not d.train_dir:
-    raise ValueError("set the training records: --config.data.train_dir=RECORDS (written by `targets`)")
-  manifest = read_manifest(d.train_dir)
-  record_vocab = tuple(manifest.targets_info.get("vocab_sizes", ()))
-  if record_vocab and tuple(m.vocab_sizes) != record_vocab:
-    raise ValueError(f"config.model.vocab_sizes is {tuple(m.vocab_sizes)} but the records in "
-                     f"{d.train_dir} have targets with K = {record_vocab}: set "
-                     f"--config.model.vocab_sizes={','.join(map(str, record_vocab))} or use other records")
-  if manifest.target_codebooks not in (0, len(m.vocab_sizes)):  # 0: the pipeline explains
-    raise ValueError(f"the records in {d.train_dir} have {manifest.target_codebooks} target codebooks "
-                     f"but config.model.vocab_sizes has {len(m.vocab_sizes)}: {tuple(m.vocab_sizes)}")
+  if not (d.train_dir and d.train_units):
+    raise ValueError("set the training records and their units: --config.data.train_dir=RECORDS "
+                     "(written by `preprocess`) --config.data.train_units=UNITS (written by `targets`)")
+  if bool(d.val_dir) != bool(d.val_units):
+    raise ValueError("validation needs both --config.data.val_dir=RECORDS and "
+                     "--config.data.val_units=UNITS, found only one")
+  for units_dir in filter(None, (d.train_units, d.val_units)):
+    units_vocab = tuple(read_units_manifest(units_dir).vocab_sizes)
+    if tuple(m.vocab_sizes) != units_vocab:
+      raise ValueError(f"config.model.vocab_sizes is {tuple(m.vocab_sizes)} but the units in "
+                       f"{units_dir} have K = {units_vocab}: set "
+                       f"--config.model.vocab_sizes={','.join(map(str, units_vocab))} or use other units")
   model_config = HubertECGConfig.preset(
       m.size, m.downsampling, vocab_sizes=tuple(m.vocab_sizes), compute_dtype=m.compute_dtype,
       remat=m.remat,
@@ -261,7 +262,7 @@ def _pretrain(config: ConfigDict, workdir: str | pathlib.Path) -> TrainResult:
   optimizer_config = OptimizerConfig(total_steps=t.total_steps, **o)
   loop_config = LoopConfig(**t, eval_batch_size=local_batch)
   pipeline = PipelineConfig(batch_size=local_batch, seed=d.seed, train_crop="first", eval_crop="first",
-                            with_targets=True, mask_prob=d.mask_prob, mask_span=d.mask_span,
+                            mask_prob=d.mask_prob, mask_span=d.mask_span,
                             min_masks=d.min_masks, honour_padding=d.honour_padding,
                             shuffle_buffer=d.shuffle_buffer, model_config=model_config)
   init_params = None
@@ -269,6 +270,7 @@ def _pretrain(config: ConfigDict, workdir: str | pathlib.Path) -> TrainResult:
     _, previous = load_pretrained(m.init_from)
     init_params = next_iteration_params(previous, model_config, jax.random.PRNGKey(t.seed))
   trainer = Pretrainer(model_config, optimizer_config, loop_config)
-  val_batches = (lambda: make_eval_iterator(d.val_dir, pipeline)) if d.val_dir else None
-  return trainer.run(workdir, make_train_iterator(d.train_dir, pipeline), val_batches,
+  val_batches = ((lambda: make_eval_iterator(d.val_dir, pipeline, d.val_units)) if d.val_dir
+                 else None)
+  return trainer.run(workdir, make_train_iterator(d.train_dir, pipeline, d.train_units), val_batches,
                      init_params=init_params)
