@@ -30,3 +30,4 @@ def block_imports(directory: pathlib.Path, names: tuple[str, ...]) -> pathlib.Pa
     (directory / name / "__init__.py").write_text(
         f"raise ImportError('{name} is not installed in this environment')\n")
   return directory
+

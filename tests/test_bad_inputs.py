@@ -22,6 +22,7 @@ import wfdb
 from hubert_ecg_jax import HubertECG, HubertECGConfig, export_hf_directory, load_pretrained, preprocess_ecg
 from hubert_ecg_jax.cli import main
 from hubert_ecg_jax.convert import flax_to_state_dict
+from hubert_ecg_jax.data import records as records_lib
 from hubert_ecg_jax.data.preprocess import STANDARD_LEADS, model_inputs, prepare_record
 from hubert_ecg_jax.data.readers import find_records, read_code15_hdf5, read_record
 from hubert_ecg_jax.data.synthetic import generate_dataset, write_wfdb_folder
@@ -592,13 +593,23 @@ def _kmeans_model(dim: int = 4) -> KMeansModel:
   return KMeansModel(centers, False, np.ones(3, np.int64), 0.0, (0.0,), KMeansConfig(k=3))
 
 
+@pytest.fixture(scope="module")
+def records_dir(tmp_path_factory, ecg) -> pathlib.Path:
+  """Two records of the synthetic ECG, prepared, in one shard."""
+  directory = tmp_path_factory.mktemp("records") / "records"
+  prepared = prepare_record(ecg, FS)
+  records_lib.write_records(directory, [records_lib.StoredRecord(
+      f"r{i}", "synthetic", prepared, np.zeros(1, np.float32), FS) for i in range(2)], ["none"])
+  return directory
+
+
 @pytest.mark.parametrize("content,message", [
     ("text", r"found neither an .npz archive nor a .npy array"),
     ("npy", r"found a single array of shape \(3,\)"),
     ("npz", r"missing \['centers', 'normalize'"),
     ("truncated", r"found a damaged archive"),
 ])
-def test_kmeans_model_file_that_is_not_one(tmp_path, content, message, capsys):
+def test_kmeans_model_file_that_is_not_one(tmp_path, records_dir, content, message, capsys):
   path = tmp_path / "kmeans.npz"
   if content == "text":
     path.write_text("centres: 100\n")
@@ -613,22 +624,17 @@ def test_kmeans_model_file_that_is_not_one(tmp_path, content, message, capsys):
   full = rf"kmeans.npz: not a k-means model file: expected an .npz archive written by KMeansModel.save, {message}"
   with pytest.raises(ValueError, match=full):
     KMeansModel.load(path)
-  err = _cli_error(capsys, ["targets", str(tmp_path / "records"), str(tmp_path / "features"),
-                            str(tmp_path / "out"), "--kmeans", str(path)])
+  err = _cli_error(capsys, ["targets", str(records_dir), str(tmp_path / "out"), "--kmeans", str(path),
+                            "--feature-set", "stats"])
   assert "not a k-means model file" in err and not (tmp_path / "out").exists()
 
 
-def test_features_of_the_wrong_dimension_for_a_kmeans_model(tmp_path, capsys):
+def test_features_of_the_wrong_dimension_for_a_kmeans_model(tmp_path, records_dir, capsys):
   model = _kmeans_model(dim=4)
   with pytest.raises(ValueError, match=r"expected vectors of shape \(\.\.\., 4\), got shape \(10, 3\)"):
     model.predict(np.zeros((10, 3), np.float32))
   model.save(tmp_path / "kmeans.npz")
-  features = tmp_path / "features"
-  features.mkdir()
-  (features / "features.json").write_text(json.dumps({"source": {"feature_set": "stats"}}))
-  np.save(features / "shard-00000-of-00001.npy", np.zeros((2, 93, 3), np.float32))
-  (features / "shard-00000-of-00001.ids.json").write_text(json.dumps(["a", "b"]))
-  err = _cli_error(capsys, ["targets", str(tmp_path / "records"), str(features), str(tmp_path / "out"),
-                            "--kmeans", str(tmp_path / "kmeans.npz")])
-  assert "k-means model 0 expects 4-dim vectors, the features in" in err and "have 3" in err
-  assert not (tmp_path / "out").exists()
+  err = _cli_error(capsys, ["targets", str(records_dir), str(tmp_path / "out"), "--kmeans",
+                            str(tmp_path / "kmeans.npz"), "--feature-set", "stats"])
+  assert "k-means model 0 expects 4-dim vectors, the features have 16" in err
+  assert not list((tmp_path / "out").glob("units-*"))  # no units shard written

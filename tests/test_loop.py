@@ -172,15 +172,19 @@ def test_batches_are_checked_with_clear_errors(trainer) -> None:
 def test_pretrain_command_on_records_with_the_pmap_launcher(tmp_path, capsys) -> None:
   from hubert_ecg_jax.cli import main
   from hubert_ecg_jax.data import records
+  from hubert_ecg_jax.data.synthetic import write_units
 
   rng = np.random.default_rng(0)
   stored = [records.StoredRecord(
       record_id=f"r{i}", source=f"r{i}.hea", labels=np.zeros(1, np.float32), source_fs=500.0,
-      signal=rng.normal(size=(12, 2500)).astype(np.float32),
-      targets=rng.integers(0, 100, (1, 93)).astype(np.int32)) for i in range(12)]
+      signal=rng.normal(size=(12, 2500)).astype(np.float32)) for i in range(12)]
   records.write_records(tmp_path / "records", stored, ["none"], num_shards=2)
+  write_units(tmp_path / "records", tmp_path / "units",
+              lambda record_id: rng.integers(0, 100, (1, 93)), [100])
   overrides = [f"--config.data.train_dir={tmp_path / 'records'}",
-               f"--config.data.val_dir={tmp_path / 'records'}", "--config.data.batch_size=8",
+               f"--config.data.train_units={tmp_path / 'units'}",
+               f"--config.data.val_dir={tmp_path / 'records'}",
+               f"--config.data.val_units={tmp_path / 'units'}", "--config.data.batch_size=8",
                "--config.train.total_steps=2", "--config.train.progress=false",
                "--config.train.launcher=pmap"]
   assert main(["pretrain", "demo_pretrain", str(tmp_path / "run"), *overrides]) == 0
@@ -190,4 +194,4 @@ def test_pretrain_command_on_records_with_the_pmap_launcher(tmp_path, capsys) ->
   assert config.hidden_size == 32 and metadata["step"] == 2
   assert main(["pretrain", "demo_pretrain", str(tmp_path / "run2"), *overrides,
                "--config.model.vocab_sizes=100,100"]) == 1
-  assert "records in" in capsys.readouterr().err
+  assert "the units in" in capsys.readouterr().err

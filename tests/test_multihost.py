@@ -24,15 +24,20 @@ def _free_port() -> int:
 
 
 def _write_records(directory: pathlib.Path) -> None:
-  """Tiny records with K=100 targets, in 2 shard files (one per process)."""
+  """Tiny records in 2 shard files (one per process), and their K=100 units beside them."""
   from hubert_ecg_jax.data import records
+  from hubert_ecg_jax.data.synthetic import write_units
 
   rng = np.random.default_rng(0)
   stored = [records.StoredRecord(
       record_id=f"r{i}", source=f"r{i}.hea", labels=np.zeros(1, np.float32), source_fs=500.0,
-      signal=rng.normal(size=(12, 2500)).astype(np.float32),
-      targets=rng.integers(0, 100, (1, 93)).astype(np.int32)) for i in range(RECORDS)]
+      signal=rng.normal(size=(12, 2500)).astype(np.float32)) for i in range(RECORDS)]
   records.write_records(directory, stored, ["none"], num_shards=2)
+  write_units(directory, _units_dir(directory), lambda record_id: rng.integers(0, 100, (1, 93)), [100])
+
+
+def _units_dir(records_dir: pathlib.Path) -> pathlib.Path:
+  return records_dir.with_name(records_dir.name + ".units")
 
 
 def _pretrain(workdir: pathlib.Path, records_dir: pathlib.Path, devices: int, steps: int,
@@ -40,7 +45,8 @@ def _pretrain(workdir: pathlib.Path, records_dir: pathlib.Path, devices: int, st
   """Starts `hubert-ecg-jax pretrain demo_pretrain` in a subprocess with `devices` CPU devices."""
   # mask_prob 1 masks every frame, so masks do not depend on how batches split over hosts; the
   # global batch of 16 is every record once, so batch contents do not depend on it either.
-  overrides = [f"--config.data.train_dir={records_dir}", "--config.data.batch_size=16",
+  overrides = [f"--config.data.train_dir={records_dir}",
+               f"--config.data.train_units={_units_dir(records_dir)}", "--config.data.batch_size=16",
                "--config.data.mask_prob=1.0", "--config.model.dropout=0.0",
                f"--config.train.total_steps={steps}", "--config.train.checkpoint_every=1",
                "--config.train.progress=false"]

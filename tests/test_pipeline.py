@@ -1,4 +1,4 @@
-"""Streaming pipeline: determinism, exact resume, host split, aligned crops, targets and masks."""
+"""Streaming pipeline: determinism, exact resume, host split, aligned crops, units and masks."""
 from __future__ import annotations
 
 import collections
@@ -9,13 +9,15 @@ import pytest
 
 from hubert_ecg_jax.data import pipeline as P
 from hubert_ecg_jax.data import records as R
+from hubert_ecg_jax.data import units as U
 from hubert_ecg_jax.data.preprocess import crop_offsets, crop_window, model_inputs
+from hubert_ecg_jax.data.synthetic import write_units
 
 NUM_RECORDS = 23
 LENGTHS = [2500, 5000, 1800, 7321, 4999, 2501, 12000]  # includes one shorter than a window
 
 
-def _records(targets: bool) -> list[R.StoredRecord]:
+def _records() -> list[R.StoredRecord]:
   rng = np.random.default_rng(0)
   out = []
   for i in range(NUM_RECORDS):
@@ -25,17 +27,22 @@ def _records(targets: bool) -> list[R.StoredRecord]:
               + 0.05 * rng.standard_normal((12, n))).astype(np.float32)
     out.append(R.StoredRecord(
         record_id=f"r{i:02d}", source=f"r{i:02d}.hea", signal=signal,
-        labels=np.eye(4, dtype=np.float32)[i % 4], source_fs=500.0,
-        targets=rng.integers(0, 100, (2, 93)).astype(np.int32) if targets else None))
+        labels=np.eye(4, dtype=np.float32)[i % 4], source_fs=500.0))
   return out
+
+
+def _units(record_id: str) -> np.ndarray:
+  """(2, 93) units of a record, different for every record."""
+  return np.random.default_rng(int(record_id[1:])).integers(0, 100, (2, 93)).astype(np.int32)
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
   root = tmp_path_factory.mktemp("pipeline")
-  R.write_records(root / "five", _records(True), list("abcd"), num_shards=5)
-  R.write_records(root / "one", _records(False), list("abcd"), num_shards=1)
-  return root, {r.record_id: r for r in _records(True)}
+  R.write_records(root / "five", _records(), list("abcd"), num_shards=5)
+  R.write_records(root / "one", _records(), list("abcd"), num_shards=1)
+  write_units(root / "five", root / "five_units", _units, [100, 100])
+  return root, {r.record_id: r for r in _records()}
 
 
 def _config(**changes) -> P.PipelineConfig:
@@ -66,15 +73,16 @@ def test_same_seed_same_batches_other_seed_other_batches(data):
              for a, b in zip(first, other))
 
 
-@pytest.mark.parametrize("with_targets", [False, True])
-def test_restore_mid_epoch_continues_exactly(data, tmp_path, with_targets):
+@pytest.mark.parametrize("with_units", [False, True])
+def test_restore_mid_epoch_continues_exactly(data, tmp_path, with_units):
   root, _ = data
-  config = _config(with_targets=with_targets, train_crop="first" if with_targets else "random")
-  uninterrupted = P.make_train_iterator(root / "five", config)
+  config = _config(train_crop="first" if with_units else "random")
+  units = root / "five_units" if with_units else None
+  uninterrupted = P.make_train_iterator(root / "five", config, units)
   _take(uninterrupted, 3)  # 12 of 23 windows: mid-epoch, with a partly full shuffle buffer
   prefix = uninterrupted.save(tmp_path / "state")
   expected = _take(uninterrupted, 6)  # crosses into the next epoch
-  resumed = P.make_train_iterator(root / "five", config)
+  resumed = P.make_train_iterator(root / "five", config, units)
   resumed.restore(prefix)
   _assert_batches_equal(_take(resumed, 6), expected)
   with pytest.raises(FileNotFoundError, match="no iterator state"):
@@ -162,38 +170,61 @@ def test_eval_crops_are_time_aligned(data, mode):
   _assert_batches_equal(batches, again)
 
 
-def test_pretraining_batches_carry_targets_and_masks(data):
+def test_pretraining_batches_carry_units_and_masks(data):
   root, records = data
-  config = _config(batch_size=6, with_targets=True, train_crop="first")
-  batch = next(P.make_train_iterator(root / "five", config))
+  config = _config(batch_size=6, train_crop="first")
+  batch = next(P.make_train_iterator(root / "five", config, root / "five_units"))
   assert batch["targets"].shape == (6, 2, 93) and batch["targets"].dtype == np.int32
   assert batch["mask_time_indices"].shape == (6, 93) and batch["mask_time_indices"].dtype == np.bool_
   assert (batch["crop_offset"] == 0).all()
   for record_id, targets, masks, attention in zip(batch["record_id"], batch["targets"],
                                                   batch["mask_time_indices"], batch["attention_mask"]):
-    np.testing.assert_array_equal(targets, records[record_id].targets)
+    np.testing.assert_array_equal(targets, _units(record_id))
     if attention.all():
       assert masks.sum() in (30, 31)
     else:  # a padded record: no masks on padding frames
       valid = config.model_config.num_frames(int(attention.sum()))
       assert not masks[valid:].any()
-  evaluation = next(P.make_eval_iterator(root / "five", dataclasses.replace(config, batch_size=3)))
+  evaluation = next(P.make_eval_iterator(root / "five", dataclasses.replace(config, batch_size=3),
+                                         root / "five_units"))
   assert evaluation["targets"].shape == (3, 2, 93) and "mask_time_indices" not in evaluation
+  for record_id, targets in zip(evaluation["record_id"], evaluation["targets"]):
+    np.testing.assert_array_equal(targets, _units(record_id))
+
+
+def test_units_of_other_records_are_refused(data, tmp_path):
+  root, _ = data
+  config = _config(train_crop="first")
+  with pytest.raises(ValueError, match="were made for other records"):
+    P.make_train_iterator(root / "one", config, root / "five_units")
+  with pytest.raises(ValueError, match="units belong to the first 5 s"):
+    P.make_train_iterator(root / "five", _config(), root / "five_units")
+  with pytest.raises(FileNotFoundError, match="expected a units directory"):
+    P.make_train_iterator(root / "five", config, root / "five")
+  # Same shard names and counts, other records: refused at the first element, not trained on.
+  other = [dataclasses.replace(r, record_id=r.record_id + "x") for r in _records()]
+  R.write_records(tmp_path / "other", other, list("abcd"), num_shards=5)
+  write_units(tmp_path / "other", tmp_path / "other_units", lambda i: _units(i[:-1]), [100, 100])
+  with pytest.raises(Exception, match="out of step with its records shard"):
+    next(P.make_train_iterator(root / "five", config, tmp_path / "other_units"))
+  # A units shard missing (an unfinished `targets`): refused with what to do.
+  (tmp_path / "partial").mkdir()
+  for path in (root / "five_units").iterdir():
+    if path.name != U.units_file_name("records-00002-of-00005.tfrecord"):
+      (tmp_path / "partial" / path.name).write_bytes(path.read_bytes())
+  with pytest.raises(FileNotFoundError, match="unfinished: 1 of 5 units shards missing"):
+    P.make_train_iterator(root / "five", config, tmp_path / "partial")
 
 
 def test_bad_configurations_are_refused(data):
   root, _ = data
-  with pytest.raises(ValueError, match="no pre-training targets"):
-    P.make_train_iterator(root / "one", _config(with_targets=True, train_crop="first"))
-  with pytest.raises(ValueError, match="with_targets needs train_crop"):
-    _config(with_targets=True)
   with pytest.raises(ValueError, match="eval_crops must be 1 for 'first'"):
     _config(eval_crops=2)
   with pytest.raises(ValueError, match="process_index must be in 0..1"):
     P.make_eval_iterator(root / "one", _config(process_index=2, process_count=2))
   with pytest.raises(FileNotFoundError, match="no manifest.json"):
     P.make_eval_iterator(root, _config())
-  R.write_records(root / "single", _records(False)[:1], list("abcd"))
+  R.write_records(root / "single", _records()[:1], list("abcd"))
   with pytest.raises(ValueError, match="host 1 of 2 gets no records"):
     P.make_train_iterator(root / "single", _config(process_index=1, process_count=2))
   with pytest.raises(ValueError, match="seed must be non-negative"):

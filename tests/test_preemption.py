@@ -106,20 +106,22 @@ KILLS = ("write", "random", "write", "random", "write", "random")
 
 def _records(directory: pathlib.Path) -> None:
   from hubert_ecg_jax.data import records
+  from hubert_ecg_jax.data.synthetic import write_units
 
   rng = np.random.default_rng(0)
   stored = [records.StoredRecord(
       record_id=f"r{i}", source=f"r{i}.hea", labels=np.zeros(1, np.float32), source_fs=500.0,
-      signal=rng.normal(size=(12, 2500)).astype(np.float32),
-      targets=rng.integers(0, 100, (1, 93)).astype(np.int32)) for i in range(12)]
-  records.write_records(directory, stored, ["none"], num_shards=2)
+      signal=rng.normal(size=(12, 2500)).astype(np.float32)) for i in range(12)]
+  records.write_records(directory / "records", stored, ["none"], num_shards=2)
+  write_units(directory / "records", directory / "units",
+              lambda record_id: rng.integers(0, 100, (1, 93)), [100])
 
 
 class _Runs:
   """Launches `hubert-ecg-jax pretrain` in a subprocess, the same way each time."""
 
   def __init__(self, tmp_path: pathlib.Path):
-    _records(tmp_path / "records")
+    _records(tmp_path / "data")
     (tmp_path / "tmp").mkdir()
     self.env = dict(
         os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", PYTHONUNBUFFERED="1",
@@ -127,7 +129,9 @@ class _Runs:
         # Restarts reuse the compiled steps (the same executables, so the same numbers).
         JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax-cache"),
         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
-    self.overrides = [f"--config.data.train_dir={tmp_path / 'records'}", "--config.data.batch_size=4",
+    self.overrides = [f"--config.data.train_dir={tmp_path / 'data' / 'records'}",
+                      f"--config.data.train_units={tmp_path / 'data' / 'units'}",
+                      "--config.data.batch_size=4",
                       f"--config.train.total_steps={STEPS}", "--config.train.log_every=1",
                       f"--config.train.checkpoint_every={CHECKPOINT_EVERY}", "--config.train.keep_last=3",
                       "--config.train.progress=false"]

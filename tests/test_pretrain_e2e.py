@@ -1,5 +1,6 @@
-"""Pre-training end to end, as a user runs it: real and synthetic records -> iteration-1 features ->
-k-means -> targets -> pretrain -> iteration-2 targets from the model's hidden states -> pretrain again."""
+"""Pre-training end to end, as a user runs it: real and synthetic records -> iteration-1 feature
+sample -> k-means -> units -> pretrain -> iteration-2 units from the model's hidden states -> pretrain
+again."""
 from __future__ import annotations
 
 import re
@@ -21,10 +22,11 @@ def _metric(output: str, prefix: str, name: str) -> float:
   return float(values[-1])
 
 
-def _pretrain(workdir, records, extra, capsys) -> str:
+def _pretrain(workdir, records, units, extra, capsys) -> str:
   capsys.readouterr()
   assert main(["pretrain", "demo_pretrain", str(workdir), f"--config.data.train_dir={records}",
-               f"--config.data.val_dir={records}", f"--config.model.vocab_sizes={K}",
+               f"--config.data.train_units={units}", f"--config.data.val_dir={records}",
+               f"--config.data.val_units={units}", f"--config.model.vocab_sizes={K}",
                "--config.data.batch_size=16", "--config.train.total_steps=120",
                "--config.train.log_every=40", "--config.train.val_every=120",
                "--config.train.progress=false", *extra]) == 0
@@ -40,31 +42,32 @@ def test_two_iterations_of_pretraining(tmp_path, sample_data_dir, capsys):
   records = tmp_path / "records"
   assert main(["preprocess", str(raw), str(records), "--shards", "2", "--workers", "1", "--quiet"]) == 0
 
-  # Iteration 1: hand-made features, k-means, targets, pre-training.
+  # Iteration 1: hand-made features, k-means, units, pre-training.
   assert main(["features", str(records), str(tmp_path / "f1"), "--feature-set", "mixed"]) == 0
   assert main(["cluster", "--features", str(tmp_path / "f1"), "--k", str(K), "--out",
                str(tmp_path / "km1")]) == 0
-  assert main(["targets", str(records), str(tmp_path / "f1"), str(tmp_path / "r1"), "--kmeans",
-               str(tmp_path / "km1" / f"kmeans_k{K}.npz")]) == 0
-  out = _pretrain(tmp_path / "it1", tmp_path / "r1", [], capsys)
+  assert main(["targets", str(records), str(tmp_path / "u1"), "--kmeans",
+               str(tmp_path / "km1" / f"kmeans_k{K}.npz"), "--feature-set", "mixed"]) == 0
+  out = _pretrain(tmp_path / "it1", records, tmp_path / "u1", [], capsys)
   # Chance is 1/K = 0.0625: the model has learnt to predict masked units from their context.
   assert _metric(out, "train", "masked_accuracy") > 3 / K
   assert _metric(out, "val", "accuracy") > 1.5 / K  # every frame, unmasked, of the same records
 
-  # Iteration 2: hidden states of layer 1 of the iteration-1 model, new targets, new label embedding.
+  # Iteration 2: hidden states of layer 1 of the iteration-1 model, new units, new label embedding.
   assert main(["features", str(records), str(tmp_path / "f2"), "--model", str(tmp_path / "it1" / "model"),
                "--layer", "1"]) == 0
   assert main(["cluster", "--features", str(tmp_path / "f2"), "--k", str(K), "--out",
                str(tmp_path / "km2")]) == 0
-  assert main(["targets", str(records), str(tmp_path / "f2"), str(tmp_path / "r2"), "--kmeans",
-               str(tmp_path / "km2" / f"kmeans_k{K}.npz")]) == 0
+  assert main(["targets", str(records), str(tmp_path / "u2"), "--kmeans",
+               str(tmp_path / "km2" / f"kmeans_k{K}.npz"), "--model", str(tmp_path / "it1" / "model"),
+               "--layer", "1"]) == 0
   init_from = f"--config.model.init_from={tmp_path / 'it1' / 'model'}"
-  out = _pretrain(tmp_path / "it2", tmp_path / "r2", [init_from], capsys)
+  out = _pretrain(tmp_path / "it2", records, tmp_path / "u2", [init_from], capsys)
   assert _metric(out, "train", "masked_accuracy") > 3 / K
   # init_from is honoured: one step at the warm-up's learning rate of 0 exports the start, which is
   # the iteration-1 model but for new label embeddings.
-  _pretrain(tmp_path / "it2_start", tmp_path / "r2", [init_from, "--config.train.total_steps=1"],
-            capsys)
+  _pretrain(tmp_path / "it2_start", records, tmp_path / "u2",
+            [init_from, "--config.train.total_steps=1"], capsys)
   _, previous = load_pretrained(tmp_path / "it1" / "model")
   _, start = load_pretrained(tmp_path / "it2_start" / "model")
   kept = [name for name in previous if not name.startswith("label_embedding")]

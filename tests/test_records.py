@@ -1,4 +1,4 @@
-"""TFRecord schema: exact round trips, atomic shard writes, manifests and adding targets."""
+"""TFRecord schema: exact round trips, atomic shard writes, manifests."""
 from __future__ import annotations
 
 import json
@@ -10,15 +10,14 @@ import pytest
 from hubert_ecg_jax.data import records as R
 
 
-def _record(rng: np.random.Generator, index: int, num_samples: int, num_labels: int = 3,
-            targets: bool = False) -> R.StoredRecord:
+def _record(rng: np.random.Generator, index: int, num_samples: int, num_labels: int = 3
+            ) -> R.StoredRecord:
   signal = rng.uniform(-1, 1, (12, num_samples)).astype(np.float32)
   signal[3, 7] = np.float32(np.nextafter(np.float32(0.5), np.float32(1)))  # a value that must survive
   return R.StoredRecord(
       record_id=f"rec{index:03d}", source=f"/data/rec{index:03d}.hea", signal=signal,
       labels=(rng.random(num_labels) < 0.5).astype(np.float32), source_fs=[500.0, 257.0][index % 2],
-      age=math.nan if index % 3 == 0 else 40.0 + index, sex=[R.SEX_MALE, R.SEX_FEMALE, R.SEX_UNKNOWN][index % 3],
-      targets=rng.integers(0, 500, (2, 93)).astype(np.int32) if targets else None)
+      age=math.nan if index % 3 == 0 else 40.0 + index, sex=[R.SEX_MALE, R.SEX_FEMALE, R.SEX_UNKNOWN][index % 3])
 
 
 def _assert_same(a: R.StoredRecord, b: R.StoredRecord) -> None:
@@ -28,18 +27,12 @@ def _assert_same(a: R.StoredRecord, b: R.StoredRecord) -> None:
   np.testing.assert_array_equal(a.labels, b.labels)
   assert a.source_fs == b.source_fs and a.sex == b.sex
   assert (math.isnan(a.age) and math.isnan(b.age)) or a.age == b.age
-  if a.targets is None:
-    assert b.targets is None
-  else:
-    assert b.targets.dtype == np.int32
-    np.testing.assert_array_equal(a.targets, b.targets)
 
 
-@pytest.mark.parametrize("targets", [False, True])
-def test_example_round_trip_is_exact(targets):
+def test_example_round_trip_is_exact():
   rng = np.random.default_rng(0)
   for index, length in enumerate([2500, 5000, 1234, 9001]):
-    record = _record(rng, index, length, targets=targets)
+    record = _record(rng, index, length)
     _assert_same(record, R.decode_example(R.encode_example(record)))
   no_labels = _record(rng, 9, 3000, num_labels=0)
   assert R.decode_example(R.encode_example(no_labels)).labels.shape == (0,)
@@ -47,10 +40,9 @@ def test_example_round_trip_is_exact(targets):
 
 def test_directory_round_trip_numpy_and_tf_data(tmp_path):
   rng = np.random.default_rng(1)
-  originals = [_record(rng, i, int(rng.integers(1000, 8000)), targets=True) for i in range(7)]
+  originals = [_record(rng, i, int(rng.integers(1000, 8000))) for i in range(7)]
   manifest = R.write_records(tmp_path, originals, ["a", "b", "c"], num_shards=3)
   assert [s.num_records for s in manifest.shards] == [2, 2, 3]
-  assert (manifest.target_codebooks, manifest.target_frames) == (2, 93)
   assert manifest.source_sampling_rates == {"500": 4, "257": 3}
   read = list(R.iterate_records(tmp_path))
   for a, b in zip(originals, read, strict=True):
@@ -58,14 +50,13 @@ def test_directory_round_trip_numpy_and_tf_data(tmp_path):
 
   tf = R.import_tensorflow()
   dataset = tf.data.TFRecordDataset([str(p) for p in R.shard_paths(tmp_path)])
-  parsed = list(dataset.map(lambda s: R.parse_example(s, 3, (2, 93))).as_numpy_iterator())
+  parsed = list(dataset.map(lambda s: R.parse_example(s, 3)).as_numpy_iterator())
   for record, tensors in zip(originals, parsed, strict=True):
     assert tensors["signal"].dtype == np.float32 and tensors["signal"].shape == record.signal.shape
     assert tensors["signal"].tobytes() == record.signal.tobytes()
     assert tensors["num_samples"] == record.signal.shape[1]
     assert tensors["record_id"].decode() == record.record_id
     np.testing.assert_array_equal(tensors["labels"], record.labels)
-    np.testing.assert_array_equal(tensors["targets"], record.targets)
   assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary files left
 
 
@@ -83,35 +74,6 @@ def test_shard_write_is_atomic(tmp_path):
   assert list(tmp_path.iterdir()) == []  # neither the shard nor its temporary file
   assert R.write_shard(target, examples) == 3
   assert list(R.iterate_shard(target)) == examples
-
-
-def test_rewrite_with_targets(tmp_path):
-  rng = np.random.default_rng(3)
-  originals = [_record(rng, i, 3000) for i in range(5)]
-  R.write_records(tmp_path / "plain", originals, ["a", "b", "c"], num_shards=2)
-  targets = {r.record_id: rng.integers(0, 100, (3, 93)) for r in originals}
-  manifest = R.rewrite_with_targets(tmp_path / "plain", tmp_path / "with", targets,
-                                    targets_info={"kmeans": "k100.npz"}, show_progress=False)
-  assert (manifest.target_codebooks, manifest.target_frames) == (3, 93)
-  assert manifest.targets_info == {"kmeans": "k100.npz"}
-  assert [s.file for s in manifest.shards] == [s.file for s in R.read_manifest(tmp_path / "plain").shards]
-  for original, record in zip(originals, R.iterate_records(tmp_path / "with"), strict=True):
-    _assert_same(R.StoredRecord(**{**original.__dict__, "targets": targets[original.record_id]}), record)
-
-  by_call = R.rewrite_with_targets(tmp_path / "plain", tmp_path / "called",
-                                   lambda r: np.full((1, 93), int(r.record_id[-1])), show_progress=False)
-  assert by_call.target_codebooks == 1
-  assert [int(r.targets[0, 0]) for r in R.iterate_records(tmp_path / "called")] == [0, 1, 2, 3, 4]
-
-  with pytest.raises(ValueError, match="no targets given for record 'rec004'"):
-    R.rewrite_with_targets(tmp_path / "plain", tmp_path / "missing",
-                           {k: v for k, v in targets.items() if k != "rec004"}, show_progress=False)
-  with pytest.raises(ValueError, match="differs"):
-    R.rewrite_with_targets(tmp_path / "plain", tmp_path / "ragged",
-                           lambda r: np.zeros((1, 93 if r.record_id != "rec003" else 92), np.int32),
-                           show_progress=False)
-  with pytest.raises(FileExistsError, match="already holds"):
-    R.rewrite_with_targets(tmp_path / "plain", tmp_path / "with", targets, show_progress=False)
 
 
 def test_manifest_errors(tmp_path):
@@ -137,5 +99,3 @@ def test_bad_records_are_refused():
     R.StoredRecord("x", "x", np.zeros((8, 10), np.float32), np.zeros(2), 500.0)
   with pytest.raises(ValueError, match="sex must be"):
     R.StoredRecord("x", "x", np.zeros((12, 10), np.float32), np.zeros(2), 500.0, sex=2)
-  with pytest.raises(ValueError, match="targets must be integer"):
-    R.StoredRecord("x", "x", np.zeros((12, 10), np.float32), np.zeros(2), 500.0, targets=np.zeros(93))

@@ -72,12 +72,13 @@ def test_processes_other_than_the_first_take_nothing(tmp_path):
 
 
 @pytest.mark.parametrize("argv", [
-    ["pretrain", "demo_pretrain", "{run}", "--config.data.train_dir={records}"],
+    ["pretrain", "demo_pretrain", "{run}", "--config.data.train_dir={records}",
+     "--config.data.train_units={records}"],
     ["finetune", "finetune_demo", "{run}", "--config.data.train={records}",
      "--config.data.val={records}"],
     ["preprocess", "{records}", "{run}"],
     ["features", "{records}", "{run}", "--feature-set", "stats"],
-    ["targets", "{records}", "{records}", "{run}", "--kmeans", "km.npz"],
+    ["targets", "{records}", "{run}", "--kmeans", "km.npz", "--feature-set", "stats"],
 ], ids=lambda argv: argv[0])
 def test_commands_refuse_a_held_directory_at_once(tmp_path, holder, capsys, argv):
   from hubert_ecg_jax.cli import main

@@ -1,4 +1,5 @@
-"""`verify` finds every damaged shard among sound ones, and nothing in a sound directory."""
+"""`verify` finds every damaged shard among sound ones, and nothing in a sound directory (records
+and units directories)."""
 from __future__ import annotations
 
 import json
@@ -8,6 +9,8 @@ import pytest
 
 from hubert_ecg_jax.cli import main
 from hubert_ecg_jax.data import records as R
+from hubert_ecg_jax.data import units as U
+from hubert_ecg_jax.data.synthetic import write_units
 from hubert_ecg_jax.data.verify import verify_records
 
 
@@ -17,8 +20,7 @@ def _write(directory, shards=6, per_shard=3, ids=None):
   ids = ids or [f"rec{i:03d}" for i in range(count)]
   records = [R.StoredRecord(record_id=ids[i], source=f"/raw/{ids[i]}.hea",
                             signal=rng.standard_normal((12, 2500)).astype(np.float32),
-                            labels=np.array([i % 2, 1 - i % 2], np.float32), source_fs=500.0,
-                            targets=rng.integers(0, 20, (1, 93)).astype(np.int32))
+                            labels=np.array([i % 2, 1 - i % 2], np.float32), source_fs=500.0)
              for i in range(count)]
   R.write_records(directory, records, ["a", "b"], num_shards=shards)
   return directory
@@ -76,3 +78,18 @@ def test_refuses_an_unfinished_job(tmp_path):
   manifest["complete"] = False
   (directory / R.MANIFEST_NAME).write_text(json.dumps(manifest))
   assert main(["verify", str(directory), "--quiet"]) == 1  # a one-line error, no table
+
+
+def test_units_directories(tmp_path, capsys):
+  directory = _write(tmp_path / "records")
+  write_units(directory, tmp_path / "units", lambda i: np.full((2, 93), int(i[-1]) % 7), [7, 9])
+  assert main(["verify", str(tmp_path / "units"), "--quiet"]) == 0
+  assert "6 shards, 18 records: all sound" in capsys.readouterr().out
+  cut = tmp_path / "units" / U.units_file_name(R.shard_file_name(2, 6))
+  cut.write_bytes(cut.read_bytes()[:-40])
+  write_units(directory, tmp_path / "wide", lambda i: np.full((2, 93), int(i[-1])), [7, 9])
+  checks, problems = verify_records(tmp_path / "units", workers=2, progress=False)
+  assert [c.file for c in checks if c.problem] == [cut.name] and problems == []
+  checks, _ = verify_records(tmp_path / "wide", workers=2, progress=False)
+  bad = [c for c in checks if c.problem]  # records ending in 7, 8 or 9 have units >= 7
+  assert bad and all("units of codebook 0 outside [0, 7)" in c.problem for c in bad)

@@ -38,7 +38,7 @@ import numpy as np
 def write_synthetic_records(directory: str, records: int, unique: int, shards: int, seed: int) -> None:
   from hubert_ecg_jax.data import records as records_lib
   from hubert_ecg_jax.data.preprocess import prepare_record
-  from hubert_ecg_jax.data.synthetic import generate_dataset
+  from hubert_ecg_jax.data.synthetic import generate_dataset, write_units
 
   signals, labels = generate_dataset(unique, seed)
   classes = sorted(set(labels))
@@ -47,9 +47,14 @@ def write_synthetic_records(directory: str, records: int, unique: int, shards: i
   stored = [records_lib.StoredRecord(
       record_id=f"SYN{i:06d}", source="synthetic", signal=prepared[i % unique],
       labels=np.eye(len(classes), dtype=np.float32)[classes.index(labels[i % unique])],
-      source_fs=500.0, targets=rng.integers(0, 500, (1, 93)).astype(np.int32))
-      for i in range(records)]
+      source_fs=500.0) for i in range(records)]
   records_lib.write_records(directory, stored, classes, num_shards=shards)
+  write_units(directory, units_directory(directory),
+              lambda record_id: rng.integers(0, 500, (1, 93)).astype(np.int32), [500])
+
+
+def units_directory(records_dir: str) -> str:
+  return records_dir.rstrip("/") + ".units"
 
 
 class _Clock:
@@ -80,7 +85,8 @@ def measure(directory: str, cores: int, batch_size: int, batches: int, warmup: i
 
   base = dict(batch_size=batch_size, seed=0, threads=cores, parallel_batches=cores,
               process_index=0, process_count=1)
-  pretrain = P.PipelineConfig(**base, with_targets=True, train_crop="first")
+  pretrain = P.PipelineConfig(**base, train_crop="first")
+  units = units_directory(directory)
   finetune = P.PipelineConfig(**base)
   rows = []
 
@@ -92,10 +98,10 @@ def measure(directory: str, cores: int, batch_size: int, batches: int, warmup: i
 
   ecgs = batches * batch_size
   row("pretrain (full pipeline)",
-      _timed(P.make_train_iterator(directory, pretrain), batches, warmup), ecgs, cores)
+      _timed(P.make_train_iterator(directory, pretrain, units), batches, warmup), ecgs, cores)
   row("finetune (full pipeline)",
       _timed(P.make_train_iterator(directory, finetune), batches, warmup), ecgs, cores)
-  windows = iter(P.train_windows_dataset(directory, pretrain).prefetch(2).as_numpy_iterator())
+  windows = iter(P.train_windows_dataset(directory, pretrain, units).prefetch(2).as_numpy_iterator())
   row("windows only (no online)", _timed(windows, batches, warmup), ecgs, cores)
   step = iter(range(1 << 62))
   row("online stage on host", _timed(windows, batches, warmup,
@@ -157,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
   if max(core_counts) > len(available) or min(core_counts) < 1:
     parser.error(f"--cores must be between 1 and {len(available)}, found {core_counts}")
   rows = []
-  with tempfile.TemporaryDirectory(prefix="bench_pipeline_") as directory:
+  with tempfile.TemporaryDirectory(prefix="bench_pipeline_") as temporary:
+    directory = os.path.join(temporary, "records")
     print(f"writing {args.records} synthetic records ...", file=sys.stderr, flush=True)
     write_synthetic_records(directory, args.records, args.unique, args.shards, args.seed)
     for cores in core_counts:
