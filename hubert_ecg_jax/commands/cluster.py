@@ -12,9 +12,8 @@ def register(subparsers) -> None:
   p = subparsers.add_parser(
       "cluster", help="fit k-means pre-training targets on feature arrays (.npy), with a K sweep",
       description="Fits k-means in JAX (k-means++, mini-batch passes, Lloyd passes; streamed, so the "
-      "features need not fit in memory) on frame features: iteration-1 features or hidden states "
-      "dumped from a model, as .npy arrays of shape (..., dim) (e.g. (frames, dim) per record or "
-      "(vectors, dim) per shard; leading axes are flattened). Writes OUT/kmeans_k{K}.npz (centres + "
+      "features need not fit in memory) on frame features: the sample `features` writes "
+      "(OUT/sample.npy), or any .npy arrays of shape (..., dim) (leading axes are flattened). Writes OUT/kmeans_k{K}.npz (centres + "
       "normalisation + settings, loaded by KMeansModel.load), OUT/summary.json and, with --sweep, "
       "one model per K, OUT/sweep.txt (SSE table) and OUT/elbow.png.")
   p.add_argument("--features", nargs="+", required=True, metavar="PATH",

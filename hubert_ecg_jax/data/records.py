@@ -220,7 +220,7 @@ def iterate_shard(path: str | os.PathLike) -> Iterator[bytes]:
 
 
 def iterate_records(directory: str | os.PathLike) -> Iterator[StoredRecord]:
-  """Every record of a records directory, in shard order, as numpy (for feature dumping)."""
+  """Every record of a records directory, in shard order, as numpy (fine-tuning fractions, tests)."""
   for path in shard_paths(directory):
     for serialized in iterate_shard(path):
       yield decode_example(serialized)

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from hubert_ecg_jax.data import records as records_lib
+from hubert_ecg_jax.data import units as units_lib
 from hubert_ecg_jax.data.preprocess import STANDARD_LEADS
 
 
@@ -261,3 +263,16 @@ def write_wfdb_folder(folder: str | os.PathLike, n: int, seed: int, fs: float = 
                 baseline=[0] * 12, comments=comments, write_dir=str(folder))
     paths.append(folder / f"{name}.hea")
   return paths
+
+
+def write_units(records_dir: str | os.PathLike, units_dir: str | os.PathLike,
+                units_of: Callable[[str], np.ndarray], vocab_sizes: Sequence[int]) -> None:
+  """A units directory for `records_dir` in which record `i` has the units `units_of(i)`
+  (codebooks, 93): pre-training targets made without features and k-means (tests, benchmarks)."""
+  manifest = records_lib.read_manifest(records_dir)
+  for path, shard in zip(records_lib.shard_paths(records_dir, manifest), manifest.shards):
+    ids = [records_lib.decode_example(s).record_id for s in records_lib.iterate_shard(path)]
+    units_lib.write_units_shard(Path(units_dir) / units_lib.units_file_name(shard.file),
+                                ((record_id, units_of(record_id)) for record_id in ids))
+  units_lib.write_units_manifest(units_dir, units_lib.UnitsManifest(
+      manifest.shards, list(vocab_sizes), 93, {"kind": "synthetic"}))

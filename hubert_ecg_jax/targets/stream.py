@@ -137,31 +137,38 @@ def write_units(records_dir: str | os.PathLike, units_dir: str | os.PathLike, fe
   """Writes the k-means units of every record of `records_dir` to `units_dir`, one codebook per
   k-means model, each records shard's units in one file (written atomically). Process i of n
   writes shards i, i + n, ...; finished shards are skipped, so a rerun resumes."""
-  if not kmeans_paths:
-    raise ValueError("at least one k-means model is needed")
   if not 0 <= process_index < process_count or batch_size < 1:
     raise ValueError(f"need 0 <= process_index < process_count and batch_size >= 1, found "
                      f"{process_index}, {process_count}, {batch_size}")
+  with hold_directory(units_dir, take=process_index == 0):  # process 0 holds it for all
+    return _write_units(records_dir, pathlib.Path(units_dir), features, description, kmeans_paths,
+                        batch_size, process_index, process_count, show_progress)
+
+
+def _write_units(records_dir: str | os.PathLike, units_dir: pathlib.Path, features: FeatureFn,
+                 description: dict[str, Any], kmeans_paths: Sequence[str | os.PathLike],
+                 batch_size: int, process_index: int, process_count: int, show_progress: bool
+                 ) -> units_lib.UnitsManifest:
+  if not kmeans_paths:
+    raise ValueError("at least one k-means model is needed")
   records = records_lib.read_manifest(records_dir)
   paths = records_lib.shard_paths(records_dir, records)
   models = [KMeansModel.load(path) for path in kmeans_paths]
   manifest = _units_manifest(records, records_dir, kmeans_paths, models, description)
-  units_dir = pathlib.Path(units_dir)
-  with hold_directory(units_dir, take=process_index == 0):  # process 0 holds it for all
-    if (units_dir / units_lib.UNITS_MANIFEST).exists():
-      previous = units_lib.read_units_manifest(units_dir)
-      if previous.to_dict() != manifest.to_dict():
-        raise FileExistsError(f"{units_dir} holds units of another job ({previous.source}): "
-                              "choose an empty directory")
-    else:
-      units_lib.write_units_manifest(units_dir, manifest)
-    mine = list(zip(paths, records.shards))[process_index::process_count]
-    with progress_bar(total=sum(s.num_records for _, s in mine), desc="units", unit="ECG",
-                      disable=not show_progress) as bar:
-      for path, shard in mine:
-        target = units_dir / units_lib.units_file_name(shard.file)
-        if target.exists():  # finished by an earlier run
-          bar.update(shard.num_records)
-          continue
-        units_lib.write_units_shard(target, _shard_units(path, features, models, batch_size, bar))
+  if (units_dir / units_lib.UNITS_MANIFEST).exists():
+    previous = units_lib.read_units_manifest(units_dir)
+    if previous.to_dict() != manifest.to_dict():
+      raise FileExistsError(f"{units_dir} holds units of another job ({previous.source}): "
+                            "choose an empty directory")
+  else:
+    units_lib.write_units_manifest(units_dir, manifest)
+  mine = list(zip(paths, records.shards))[process_index::process_count]
+  with progress_bar(total=sum(s.num_records for _, s in mine), desc="units", unit="ECG",
+                    disable=not show_progress) as bar:
+    for path, shard in mine:
+      target = units_dir / units_lib.units_file_name(shard.file)
+      if target.exists():  # finished by an earlier run
+        bar.update(shard.num_records)
+        continue
+      units_lib.write_units_shard(target, _shard_units(path, features, models, batch_size, bar))
   return manifest
