@@ -57,6 +57,17 @@ def output_folder(out: str | os.PathLike, overwrite: bool = False
   return atomic_path(out, folder=True)
 
 
+def read_json(path: str | os.PathLike, expected: str) -> Any:
+  """The JSON document at `path`; a missing file is refused naming what was `expected` there."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"no {path.name} in {path.parent}: expected {expected}")
+  try:
+    return json.loads(path.read_text())
+  except json.JSONDecodeError as error:
+    raise ValueError(f"{path}: not valid JSON ({error})") from error
+
+
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
   with atomic_path(path) as staging:
     staging.write_text(json.dumps(data, indent=1, sort_keys=False) + "\n")

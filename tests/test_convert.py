@@ -17,7 +17,6 @@ import transformers
 from hubert_ecg_jax import HubertECG, HubertECGConfig, export_hf_directory, load_pretrained
 from hubert_ecg_jax.classifier import HubertECGForClassification
 from hubert_ecg_jax.cli import main as cli_main
-from hubert_ecg_jax.convert import flax_to_state_dict
 from hubert_ecg_jax.devtools.torch_reference import ecg_like_batch, make_reference
 from hubert_ecg_jax.pretrained import load_pretrained_with_heads, params_from_state_dict
 

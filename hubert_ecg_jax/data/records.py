@@ -4,7 +4,6 @@ More in docs/modules.md."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import pathlib
@@ -14,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from hubert_ecg_jax.config import NUM_LEADS
-from hubert_ecg_jax.files import atomic_path, write_json_atomic
+from hubert_ecg_jax.files import atomic_path, read_json, write_json_atomic
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "hubert-ecg-jax/records"
@@ -189,13 +188,7 @@ def write_manifest(directory: str | os.PathLike, manifest: RecordsManifest) -> N
 def read_manifest(directory: str | os.PathLike) -> RecordsManifest:
   """Reads `manifest.json` of a records directory."""
   path = pathlib.Path(directory) / MANIFEST_NAME
-  if not path.is_file():
-    raise FileNotFoundError(f"no {MANIFEST_NAME} in {directory}: expected a directory written by "
-                            "`hubert-ecg-jax preprocess`")
-  try:
-    data = json.loads(path.read_text())
-  except json.JSONDecodeError as error:
-    raise ValueError(f"{path}: not valid JSON ({error})") from error
+  data = read_json(path, "a directory written by `hubert-ecg-jax preprocess`")
   return RecordsManifest.from_dict(data, where=str(path))
 
 

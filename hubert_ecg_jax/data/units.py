@@ -7,7 +7,6 @@ pipeline reads the two side by side; the records are written once and never copi
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import pathlib
 from collections.abc import Iterable, Mapping
@@ -16,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from hubert_ecg_jax.data import records as records_lib
-from hubert_ecg_jax.files import atomic_path, write_json_atomic
+from hubert_ecg_jax.files import atomic_path, read_json, write_json_atomic
 
 UNITS_MANIFEST = "units.json"
 UNITS_FORMAT = "hubert-ecg-jax/units"
@@ -65,13 +64,7 @@ def write_units_manifest(directory: str | os.PathLike, manifest: UnitsManifest) 
 
 def read_units_manifest(directory: str | os.PathLike) -> UnitsManifest:
   path = pathlib.Path(directory) / UNITS_MANIFEST
-  if not path.is_file():
-    raise FileNotFoundError(f"no {UNITS_MANIFEST} in {directory}: expected a units directory "
-                            "written by `hubert-ecg-jax targets`")
-  try:
-    data = json.loads(path.read_text())
-  except json.JSONDecodeError as error:
-    raise ValueError(f"{path}: not valid JSON ({error})") from error
+  data = read_json(path, "a units directory written by `hubert-ecg-jax targets`")
   return UnitsManifest.from_dict(data, str(path))
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import pathlib
 import warnings
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 
