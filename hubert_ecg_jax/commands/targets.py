@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from hubert_ecg_jax.commands import add_compute_dtype_argument, add_feature_source_arguments
 
@@ -23,6 +24,9 @@ def register(subparsers) -> None:
                  help="k-means model(s) written by `cluster`; several give several codebooks")
   add_feature_source_arguments(p)
   p.add_argument("--batch-size", type=int, default=32, help="records per batch (default 32)")
+  p.add_argument("--workers", type=int, default=None,
+                 help="--feature-set: worker processes, one shard each at a time (default: all CPU "
+                 "cores); --model runs in this process on every local device")
   add_compute_dtype_argument(p)
   p.add_argument("--process-index", type=int, default=0, help="multi-host: this host's index")
   p.add_argument("--process-count", type=int, default=1, help="multi-host: number of hosts")
@@ -34,9 +38,14 @@ def run(args: argparse.Namespace) -> int:
   from hubert_ecg_jax.commands import feature_source
   from hubert_ecg_jax.targets.stream import write_units
 
+  if args.model and args.workers not in (None, 1):
+    raise ValueError("--workers goes with --feature-set: a model's features run in this process, "
+                     "on every local device")
   features, description = feature_source(args)
+  workers = 1 if args.model else args.workers or os.cpu_count() or 1
   manifest = write_units(args.records, args.units, features, description, args.kmeans,
-                         batch_size=args.batch_size, process_index=args.process_index,
+                         batch_size=args.batch_size, workers=workers,
+                         process_index=args.process_index,
                          process_count=args.process_count, show_progress=not args.quiet)
   whose = ("" if args.process_count == 1
            else f" (this host's shards: {args.process_index} of every {args.process_count})")

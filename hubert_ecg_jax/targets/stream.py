@@ -7,12 +7,16 @@ More in docs/modules.md.
 """
 from __future__ import annotations
 
+import concurrent.futures
+import functools
 import math
+import multiprocessing
 import os
 import pathlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 
 from hubert_ecg_jax.config import MODEL_INPUT_LENGTH
@@ -35,8 +39,12 @@ def handmade_features(feature_set: str) -> tuple[FeatureFn, dict[str, Any]]:
   """Iteration-1 features: "stats" (16), "mfcc" (39) or "mixed" (29) per frame."""
   if feature_set not in FEATURE_SETS:
     raise ValueError(f"feature set must be one of {FEATURE_SETS}, found {feature_set!r}")
-  return (lambda x, mask: frame_features(x, feature_set)), {"kind": "handmade",
-                                                            "feature_set": feature_set}
+  return (functools.partial(_handmade, feature_set=feature_set),  # picklable: runs in workers
+          {"kind": "handmade", "feature_set": feature_set})
+
+
+def _handmade(x: np.ndarray, mask: np.ndarray, feature_set: str) -> np.ndarray:
+  return frame_features(x, feature_set)
 
 
 def _first_window_batches(shard: pathlib.Path, batch_size: int,
@@ -117,8 +125,10 @@ def _units_manifest(records: records_lib.RecordsManifest, records_dir: str | os.
 
 
 def _shard_units(path: pathlib.Path, features: FeatureFn, models: Sequence[KMeansModel],
-                 batch_size: int, progress: Any) -> Iterator[tuple[str, np.ndarray]]:
-  """(record id, units (codebooks, frames)) of every record of one records shard, in its order."""
+                 batch_size: int, done: Callable[[int], Any] = lambda count: None
+                 ) -> Iterator[tuple[str, np.ndarray]]:
+  """(record id, units (codebooks, frames)) of every record of one records shard, in its order;
+  `done` is told each batch's size."""
   for ids, x, mask in _first_window_batches(path, batch_size):
     values = _checked(features(x, mask), ids, path)  # (b, frames, dim)
     for index, model in enumerate(models):
@@ -127,48 +137,68 @@ def _shard_units(path: pathlib.Path, features: FeatureFn, models: Sequence[KMean
                          f"have {values.shape[-1]}: use the features the model was fitted on")
     codes = np.stack([model.predict(values) for model in models], axis=1)  # (b, codebooks, frames)
     yield from zip(ids, codes)
-    progress.update(len(ids))
+    done(len(ids))
+
+
+def _use_host_cpu() -> None:
+  """Worker processes compute on the host CPU: the accelerators belong to the parent."""
+  jax.config.update("jax_platforms", "cpu")
+
+
+def _write_units_shard(path: pathlib.Path, target: pathlib.Path, features: FeatureFn,
+                       kmeans_paths: Sequence[str | os.PathLike], batch_size: int) -> int:
+  """One units shard, in a worker process."""
+  models = [KMeansModel.load(p) for p in kmeans_paths]
+  return units_lib.write_units_shard(target, _shard_units(path, features, models, batch_size))
 
 
 def write_units(records_dir: str | os.PathLike, units_dir: str | os.PathLike, features: FeatureFn,
                 description: dict[str, Any], kmeans_paths: Sequence[str | os.PathLike],
-                batch_size: int = 32, process_index: int = 0, process_count: int = 1,
-                show_progress: bool = True) -> units_lib.UnitsManifest:
+                batch_size: int = 32, workers: int = 1, process_index: int = 0,
+                process_count: int = 1, show_progress: bool = True) -> units_lib.UnitsManifest:
   """Writes the k-means units of every record of `records_dir` to `units_dir`, one codebook per
   k-means model, each records shard's units in one file (written atomically). Process i of n
-  writes shards i, i + n, ...; finished shards are skipped, so a rerun resumes."""
-  if not 0 <= process_index < process_count or batch_size < 1:
-    raise ValueError(f"need 0 <= process_index < process_count and batch_size >= 1, found "
-                     f"{process_index}, {process_count}, {batch_size}")
+  writes shards i, i + n, ...; finished shards are skipped, so a rerun resumes. With `workers` > 1
+  shards are written in that many worker processes on the host CPU (`features` must pickle: the
+  hand-made ones do; a model's run in this process, on its devices)."""
+  if not 0 <= process_index < process_count or batch_size < 1 or workers < 1:
+    raise ValueError(f"need 0 <= process_index < process_count, batch_size >= 1 and workers >= 1, "
+                     f"found {process_index}, {process_count}, {batch_size}, {workers}")
   with hold_directory(units_dir, take=process_index == 0):  # process 0 holds it for all
-    return _write_units(records_dir, pathlib.Path(units_dir), features, description, kmeans_paths,
-                        batch_size, process_index, process_count, show_progress)
-
-
-def _write_units(records_dir: str | os.PathLike, units_dir: pathlib.Path, features: FeatureFn,
-                 description: dict[str, Any], kmeans_paths: Sequence[str | os.PathLike],
-                 batch_size: int, process_index: int, process_count: int, show_progress: bool
-                 ) -> units_lib.UnitsManifest:
-  if not kmeans_paths:
-    raise ValueError("at least one k-means model is needed")
-  records = records_lib.read_manifest(records_dir)
-  paths = records_lib.shard_paths(records_dir, records)
-  models = [KMeansModel.load(path) for path in kmeans_paths]
-  manifest = _units_manifest(records, records_dir, kmeans_paths, models, description)
-  if (units_dir / units_lib.UNITS_MANIFEST).exists():
-    previous = units_lib.read_units_manifest(units_dir)
-    if previous.to_dict() != manifest.to_dict():
-      raise FileExistsError(f"{units_dir} holds units of another job ({previous.source}): "
-                            "choose an empty directory")
-  else:
-    units_lib.write_units_manifest(units_dir, manifest)
-  mine = list(zip(paths, records.shards))[process_index::process_count]
-  with progress_bar(total=sum(s.num_records for _, s in mine), desc="units", unit="ECG",
-                    disable=not show_progress) as bar:
-    for path, shard in mine:
-      target = units_dir / units_lib.units_file_name(shard.file)
-      if target.exists():  # finished by an earlier run
-        bar.update(shard.num_records)
-        continue
-      units_lib.write_units_shard(target, _shard_units(path, features, models, batch_size, bar))
+    units_dir = pathlib.Path(units_dir)
+    if not kmeans_paths:
+      raise ValueError("at least one k-means model is needed")
+    records = records_lib.read_manifest(records_dir)
+    paths = records_lib.shard_paths(records_dir, records)
+    models = [KMeansModel.load(path) for path in kmeans_paths]
+    manifest = _units_manifest(records, records_dir, kmeans_paths, models, description)
+    if (units_dir / units_lib.UNITS_MANIFEST).exists():
+      previous = units_lib.read_units_manifest(units_dir)
+      if previous.to_dict() != manifest.to_dict():
+        raise FileExistsError(f"{units_dir} holds units of another job ({previous.source}): "
+                              "choose an empty directory")
+    else:
+      units_lib.write_units_manifest(units_dir, manifest)
+    mine = [(path, units_dir / units_lib.units_file_name(shard.file), shard.num_records)
+            for path, shard in list(zip(paths, records.shards))[process_index::process_count]]
+    with progress_bar(total=sum(count for *_, count in mine), desc="units", unit="ECG",
+                      disable=not show_progress) as bar:
+      todo = []
+      for path, target, count in mine:
+        if target.exists():  # finished by an earlier run
+          bar.update(count)
+        else:
+          todo.append((path, target))
+      if workers == 1:
+        for path, target in todo:
+          units_lib.write_units_shard(target, _shard_units(path, features, models, batch_size,
+                                                           bar.update))
+        return manifest
+      context = multiprocessing.get_context("spawn")  # TensorFlow and JAX do not survive a fork
+      with concurrent.futures.ProcessPoolExecutor(min(workers, max(len(todo), 1)), context,
+                                                  initializer=_use_host_cpu) as pool:
+        jobs = [pool.submit(_write_units_shard, path, target, features, kmeans_paths, batch_size)
+                for path, target in todo]
+        for job in concurrent.futures.as_completed(jobs):
+          bar.update(job.result())
   return manifest
