@@ -111,9 +111,10 @@ RUN_S = 300  # hang guard of the uninterrupted run; the others get 3x its measur
 
 def _args(tmp_path: pathlib.Path, workdir: pathlib.Path) -> list[str]:
   return ["pretrain", "demo_pretrain", str(workdir),
-          f"--config.data.train_dir={tmp_path / 'records'}", "--config.data.batch_size=4", f"--config.train.total_steps={STEPS}",
-          "--config.train.log_every=1", f"--config.train.checkpoint_every={CHECKPOINT_EVERY}",
-          "--config.train.keep_last=3", "--config.train.progress=false"]
+          f"--config.data.train_dir={tmp_path / 'records'}", "--config.data.batch_size=4",
+          f"--config.train.total_steps={STEPS}", "--config.train.log_every=1",
+          f"--config.train.checkpoint_every={CHECKPOINT_EVERY}", "--config.train.keep_last=3",
+          "--config.train.progress=false"]
 
 
 def _complete_steps(checkpoints: pathlib.Path) -> list[int]:
@@ -144,7 +145,7 @@ def _stop(cli: Callable[..., CliRun], stop: str, tmp_path: pathlib.Path, run_s: 
     assert staging.name == f"{outcome['step']}{TMP_MARK}" and staging.is_dir()
     run.process.send_signal(signum)
     if signum != signal.SIGKILL:
-      run.wait_for(rf"^{stop.split()[0]} received: stopping", run_s)
+      run.wait_for(rf"^{signum.name} received: stopping", run_s)
       marker.unlink()
   else:
     outcome["step"] = latest + int(rng.integers(1, 4))
