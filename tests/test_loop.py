@@ -17,6 +17,8 @@ from hubert_ecg_jax.train.loop import LoopConfig, Pretrainer
 from hubert_ecg_jax.train.masking import sample_span_mask
 from hubert_ecg_jax.train.optimizer import OptimizerConfig
 
+from conftest import pretrain_data, units_dir, write_tiny_records
+
 TOTAL_STEPS = 30
 BATCH = 8
 CLASSES = 5
@@ -29,8 +31,10 @@ class ToyBatches:
   masked frames are predictable from the unmasked ones.
   """
 
-  def __init__(self, seed: int = 0, stop_at: int | None = None, corrupt: bool = False):
+  def __init__(self, seed: int = 0, stop_at: int | None = None, corrupt: bool = False,
+               signals: tuple[signal.Signals, ...] = (signal.SIGTERM,)):
     self.index, self.seed, self.stop_at, self.corrupt = 0, seed, stop_at, corrupt
+    self.signals = signals  # sent, in turn, when batch `stop_at` is asked for
 
   def __iter__(self):
     return self
@@ -49,7 +53,8 @@ class ToyBatches:
 
   def __next__(self) -> dict[str, np.ndarray]:
     if self.index == self.stop_at:
-      os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler would, in the middle of the run
+      for signum in self.signals:  # as a scheduler or a user would, in the middle of the run
+        os.kill(os.getpid(), signum)
     self.index += 1
     return self.batch(self.index - 1)
 
@@ -105,20 +110,50 @@ def test_loss_falls_on_a_learnable_target(straight_run) -> None:
   assert "ecg_per_s" in result.metrics
 
 
-def test_stop_by_sigterm_and_resume_is_bit_identical(trainer, straight_run, tmp_path) -> None:
-  pretrainer, lines = trainer
-  straight_dir, _, _ = straight_run
-  first = pretrainer.run(tmp_path, ToyBatches(stop_at=13), _validation)
-  assert first.stop_reason == "SIGTERM" and first.step == 14 and first.model_dir is None
-  assert any("SIGTERM received: checkpointed step 14" in line for line in lines)
-  second = pretrainer.run(tmp_path, ToyBatches(), _validation)  # a new iterator, from index 0
-  assert second.stop_reason == "finished" and second.step == TOTAL_STEPS
-  assert any(line.startswith("resumed from step 14") for line in lines)
-  resumed, straight = _final_state(pretrainer, tmp_path), _final_state(pretrainer, straight_dir)
+def _assert_same_final_state(pretrainer: Pretrainer, workdir: pathlib.Path,
+                             straight_dir: pathlib.Path) -> None:
+  resumed, straight = _final_state(pretrainer, workdir), _final_state(pretrainer, straight_dir)
   assert jax.tree.structure(resumed) == jax.tree.structure(straight)
   for ours, theirs in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight)):
     np.testing.assert_array_equal(ours, theirs)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
+def test_stop_by_a_signal_and_resume_is_bit_identical(trainer, straight_run, tmp_path, capfd,
+                                                      signum) -> None:
+  """The signal comes while step 14 runs (no checkpoint is due there): the run finishes the step,
+  checkpoints it and stops; a rerun resumes from it and ends as the straight run."""
+  pretrainer, lines = trainer
+  straight_dir, _, _ = straight_run
+  first = pretrainer.run(tmp_path, ToyBatches(stop_at=13, signals=(signum,)), _validation)
+  assert first.stop_reason == signum.name and first.step == 14 and first.model_dir is None
+  assert f"{signum.name} received: stopping with a checkpoint" in capfd.readouterr().err
+  assert lines[-1] == f"{signum.name} received: checkpointed step 14, stopping"
+  manager = CheckpointManager(tmp_path / "checkpoints")
+  assert manager.latest_step == 14
+  manager.close()
+  second = pretrainer.run(tmp_path, ToyBatches(), _validation)  # a new iterator, from index 0
+  assert second.stop_reason == "finished" and second.step == TOTAL_STEPS
+  assert any(line.startswith("resumed from step 14") for line in lines)
+  _assert_same_final_state(pretrainer, tmp_path, straight_dir)
   assert second.val_loss == straight_run[1].val_loss
+
+
+def test_a_second_ctrl_c_interrupts_at_once(trainer, straight_run, tmp_path) -> None:
+  """Two SIGINTs while step 14 runs: KeyboardInterrupt, no checkpoint of step 14 (the periodic ones
+  stay); a rerun resumes from the latest of those and ends as the straight run."""
+  pretrainer, lines = trainer
+  start = len(lines)
+  with pytest.raises(KeyboardInterrupt):
+    pretrainer.run(tmp_path, ToyBatches(stop_at=13, signals=(signal.SIGINT, signal.SIGINT)),
+                   _validation)
+  assert not any("checkpointed step" in line for line in lines[start:])
+  manager = CheckpointManager(tmp_path / "checkpoints")
+  assert manager.steps == [5, 10]
+  manager.close()
+  assert pretrainer.run(tmp_path, ToyBatches(), _validation).step == TOTAL_STEPS
+  assert any(line.startswith("resumed from step 10") for line in lines[start:])
+  _assert_same_final_state(pretrainer, tmp_path, straight_run[0])
 
 
 def test_checkpoints_keep_last_and_best_and_models_are_exported(trainer, straight_run) -> None:
@@ -171,20 +206,11 @@ def test_batches_are_checked_with_clear_errors(trainer) -> None:
 
 def test_pretrain_command_on_records_with_the_pmap_launcher(tmp_path, capsys) -> None:
   from hubert_ecg_jax.cli import main
-  from hubert_ecg_jax.data import records
-  from hubert_ecg_jax.data.synthetic import write_units
 
-  rng = np.random.default_rng(0)
-  stored = [records.StoredRecord(
-      record_id=f"r{i}", source=f"r{i}.hea", labels=np.zeros(1, np.float32), source_fs=500.0,
-      signal=rng.normal(size=(12, 2500)).astype(np.float32)) for i in range(12)]
-  records.write_records(tmp_path / "records", stored, ["none"], num_shards=2)
-  write_units(tmp_path / "records", tmp_path / "units",
-              lambda record_id: rng.integers(0, 100, (1, 93)), [100])
-  overrides = [f"--config.data.train_dir={tmp_path / 'records'}",
-               f"--config.data.train_units={tmp_path / 'units'}",
+  write_tiny_records(tmp_path / "records", 12, 2)
+  overrides = [*pretrain_data(tmp_path / "records"),
                f"--config.data.val_dir={tmp_path / 'records'}",
-               f"--config.data.val_units={tmp_path / 'units'}", "--config.data.batch_size=8",
+               f"--config.data.val_units={units_dir(tmp_path / 'records')}", "--config.data.batch_size=8",
                "--config.train.total_steps=2", "--config.train.progress=false",
                "--config.train.launcher=pmap"]
   assert main(["pretrain", "demo_pretrain", str(tmp_path / "run"), *overrides]) == 0

@@ -3,6 +3,7 @@
 More in docs/modules.md."""
 from __future__ import annotations
 
+import asyncio
 import os
 import pathlib
 import shutil
@@ -23,6 +24,28 @@ from hubert_ecg_jax.parallel import host_copy
 STATE = "state"
 DATA = "data"
 BEST_METRIC = "val_loss"
+PAUSE_SAVE_ENV = "HUBERT_ECG_JAX_TEST_PAUSE_SAVE"  # tests only: see `_pause_for_tests`
+
+
+async def _pause_for_tests(step: int | None, checkpoint: pathlib.Path) -> None:
+  """Test hook: with HUBERT_ECG_JAX_TEST_PAUSE_SAVE=STEP:MARKER, the save of STEP holds before Orbax
+  commits it (renames `checkpoint`, its temporary directory, into place) and before the data position
+  staged in the system temporary directory moves in: it writes the directory's path to the file
+  MARKER and waits until MARKER is deleted. Tests stop the process there (SIGKILL, SIGTERM, SIGINT)
+  at a known point instead of racing the save. Needs a data position."""
+  setting = os.environ.get(PAUSE_SAVE_ENV)
+  if not setting:
+    return
+  at, _, marker = setting.partition(":")
+  if not (at.isdigit() and marker):
+    raise ValueError(f"{PAUSE_SAVE_ENV} must be STEP:MARKER_PATH, found {setting!r}")
+  if step != int(at):
+    return
+  staged = pathlib.Path(f"{marker}.tmp")
+  staged.write_text(str(checkpoint))
+  os.replace(staged, marker)
+  while os.path.exists(marker):
+    await asyncio.sleep(0.01)
 
 
 class DataPosition:
@@ -38,6 +61,7 @@ class DataPosition:
       raise ValueError("the data position must be an object with save(path) and restore(path) "
                        f"methods, found {type(source).__name__}")
     self._save, self._restore = source.save, source.restore
+    self.step: int | None = None  # the step being saved, set by `CheckpointManager.save`
 
   @staticmethod
   def _name() -> str:
@@ -55,6 +79,7 @@ class DataPosition:
     async def finish() -> None:
       try:
         target = pathlib.Path(await directory.await_creation()) / self._name()
+        await _pause_for_tests(self.step, target.parent.parent)
         shutil.move(str(staging), str(target))
       finally:
         shutil.rmtree(staging, ignore_errors=True)  # gone already when the move succeeded
@@ -144,6 +169,7 @@ class CheckpointManager:
       return False
     items = {STATE: state}
     if data_position is not None:
+      data_position.step = step
       items[DATA] = data_position
     metrics = None if val_loss is None else {BEST_METRIC: float(val_loss)}
     return self._checkpointer.save_checkpointables(step, items, metrics=metrics, force=True)

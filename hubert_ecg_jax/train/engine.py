@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import pathlib
 import signal
 import threading
@@ -92,6 +93,9 @@ class StopSignals:
     if self.received is not None and signum == signal.SIGINT:
       raise KeyboardInterrupt
     self.received = signal.Signals(signum).name
+    # os.write, not print: the handler may run while the main thread is inside a print.
+    os.write(2, f"{self.received} received: stopping with a checkpoint after this step (Ctrl-C "
+                "again interrupts at once)\n".encode())
 
   def __enter__(self) -> StopSignals:
     if threading.current_thread() is threading.main_thread():
