@@ -202,7 +202,6 @@ def test_stopped_and_killed_runs_resume_to_bitwise_the_same_parameters(cli, tmp_
   leaked = list((tmp_path / "tmp").glob("data-position-*"))
   kills = [stop for stop in STOPS if stop.startswith("SIGKILL")]
   assert kills.count("SIGKILL in the save of step") <= len(leaked) <= len(kills)
-  assert all((path / "position.index").is_file() for path in leaked)
   # Every step, including those run again after a kill, logged the same loss as the straight run.
   assert losses == straight_losses and sorted(straight_losses) == list(range(1, STEPS + 1))
   config, params, metadata = load_model(tmp_path / "stopped" / "model")
