@@ -133,7 +133,7 @@ class CliRun:
             return match
         seen = len(self.lines)
         if self._ended or time.monotonic() >= deadline:
-          self._fail(f"no line matching {pattern!r} in {timeout:.0f} s (process ended: {self._ended})")
+          self._fail(f"no line matching {pattern!r} in {timeout:.0f} s (ended: {self._ended})")
         self._changed.wait(deadline - time.monotonic())
 
   def wait_for_file(self, path: pathlib.Path, timeout: float) -> str:

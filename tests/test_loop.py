@@ -12,7 +12,7 @@ import pytest
 
 from hubert_ecg_jax.config import HubertECGConfig
 from hubert_ecg_jax.model_dir import load_model
-from hubert_ecg_jax.train.checkpointing import CheckpointManager, abstract_like
+from hubert_ecg_jax.train.checkpointing import CheckpointManager
 from hubert_ecg_jax.train.loop import LoopConfig, Pretrainer
 from hubert_ecg_jax.train.masking import sample_span_mask
 from hubert_ecg_jax.train.optimizer import OptimizerConfig

@@ -28,11 +28,10 @@ PAUSE_SAVE_ENV = "HUBERT_ECG_JAX_TEST_PAUSE_SAVE"  # tests only: see `_pause_for
 
 
 async def _pause_for_tests(step: int | None, checkpoint: pathlib.Path) -> None:
-  """Test hook: with HUBERT_ECG_JAX_TEST_PAUSE_SAVE=STEP:MARKER, the save of STEP holds before Orbax
-  commits it (renames `checkpoint`, its temporary directory, into place) and before the data position
-  staged in the system temporary directory moves in: it writes the directory's path to the file
-  MARKER and waits until MARKER is deleted. Tests stop the process there (SIGKILL, SIGTERM, SIGINT)
-  at a known point instead of racing the save. Needs a data position."""
+  """Test hook, off unless HUBERT_ECG_JAX_TEST_PAUSE_SAVE=STEP:MARKER is set: the save of STEP writes
+  the path of `checkpoint` (its temporary directory) to the file MARKER, then waits until MARKER is
+  deleted, before the staged data position moves in and Orbax commits the directory. Tests kill or
+  signal the process there, at a known point, instead of racing the save. Needs a data position."""
   setting = os.environ.get(PAUSE_SAVE_ENV)
   if not setting:
     return
