@@ -15,12 +15,16 @@ import numpy as np
 import pytest
 
 from hubert_ecg_jax import cli
+from hubert_ecg_jax.config import HubertECGConfig
 from hubert_ecg_jax.data import pipeline as P
 from hubert_ecg_jax.data import records as R
 from hubert_ecg_jax.data import units as U
 from hubert_ecg_jax.data.synthetic import write_units
 from hubert_ecg_jax.data.verify import check_shard
 from hubert_ecg_jax.finetune.data import read_labels
+from hubert_ecg_jax.train.loop import LoopConfig, Pretrainer
+from hubert_ecg_jax.train.optimizer import OptimizerConfig
+from test_loop import ToyBatches
 
 BAD = 1  # the damaged shard
 
@@ -164,6 +168,35 @@ def test_skipping_leaves_out_exactly_the_unreadable_records_and_counts_them(smal
   if side == "records":
     ids, labels, _ = read_labels(data / "records", skip_corrupted=True)
     assert len(ids) == len(labels) == sound and not unreadable & set(ids)
+
+
+class _MeetsDamage(ToyBatches):
+  """Toy batches whose reader meets a damaged shard once batch `at` is handed out (during a step)."""
+
+  def __init__(self, at: int):
+    super().__init__()
+    self.at = at
+
+  def check_damage(self) -> None:
+    if self.index >= self.at:
+      raise P.CorruptShardError("damaged")
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    self.check_damage()
+    return super().__next__()
+
+
+def test_the_engine_writes_no_checkpoint_once_the_reader_met_damage(tmp_path):
+  import jax
+
+  config = HubertECGConfig.preset("tiny", num_hidden_layers=1)
+  loop = LoopConfig(total_steps=6, log_every=1, val_every=None, checkpoint_every=1, keep_last=6,
+                    progress=False)
+  trainer = Pretrainer(config, OptimizerConfig(total_steps=6), loop, devices=jax.devices()[:1],
+                       print_fn=lambda line: None)
+  with pytest.raises(P.CorruptShardError):
+    trainer.run(tmp_path, _MeetsDamage(at=4))
+  assert _checkpoints(tmp_path) == [1, 2, 3]  # not 4: its step ran after the damage was met
 
 
 # -- the commands -------------------------------------------------------------------------------------
