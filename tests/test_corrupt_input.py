@@ -22,6 +22,7 @@ from hubert_ecg_jax.data import units as U
 from hubert_ecg_jax.data.synthetic import write_units
 from hubert_ecg_jax.data.verify import check_shard
 from hubert_ecg_jax.finetune.data import read_labels
+from hubert_ecg_jax.train.checkpointing import CheckpointManager, DataPosition, abstract_like
 from hubert_ecg_jax.train.loop import LoopConfig, Pretrainer
 from hubert_ecg_jax.train.optimizer import OptimizerConfig
 from test_loop import ToyBatches
@@ -99,7 +100,9 @@ def test_a_damaged_shard_stops_every_reader_with_a_message_naming_it(small, tmp_
   assert "rerun the `hubert-ecg-jax targets` command" in str(caught.value)
 
 
-def test_a_position_saved_after_the_damage_was_met_is_refused(small, tmp_path):
+def test_a_position_saved_after_the_damage_was_met_is_never_resumed(small, tmp_path):
+  import jax.numpy as jnp
+
   data = pathlib.Path(shutil.copytree(small, tmp_path / "data"))
   _flip(_shard(data, 3))
   iterator = P.make_train_iterator(data / "records", _config())
@@ -107,10 +110,22 @@ def test_a_position_saved_after_the_damage_was_met_is_refused(small, tmp_path):
     next(iterator)
   with pytest.raises(P.CorruptShardError):
     iterator.check_damage()  # what the engine calls before each checkpoint
-  prefix = iterator.save(tmp_path / "position")
-  assert not list(tmp_path.glob("position.index"))  # the state past the damage is not kept
+  # Had the reader met the damage during the write itself, the position would still be kept out:
+  state = {"w": jnp.zeros(3)}
+  manager = CheckpointManager(tmp_path / "checkpoints", keep_last=5, keep_best=0)
+  manager.save(1, state, DataPosition(P.make_train_iterator(small / "records", _config())))
+  manager.save(2, state, DataPosition(iterator))
+  manager.close()
+  position = tmp_path / "checkpoints" / "2" / "data" / "process_0" / "position"
+  assert not pathlib.Path(f"{position}.index").exists()  # the state past the damage is not kept
   with pytest.raises(P.CorruptShardError, match="saved after the input met a damaged shard"):
-    P.make_train_iterator(small / "records", _config()).restore(prefix)
+    P.make_train_iterator(small / "records", _config()).restore(position)
+  manager = CheckpointManager(tmp_path / "checkpoints", keep_last=5, keep_best=0)
+  with pytest.warns(UserWarning, match=r"checkpoints/2 cannot be read .*trying step 1 instead"):
+    manager.restore(abstract_like(state, state["w"].sharding),
+                    DataPosition(P.make_train_iterator(small / "records", _config())))
+  assert manager.restored_step == 1
+  manager.close()
 
 
 def test_a_position_saved_before_the_damage_resumes_skipping_or_on_the_replaced_shard(tmp_path):
