@@ -11,6 +11,8 @@ import subprocess
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -63,6 +65,10 @@ def _readable(path: pathlib.Path) -> int:
   return check_shard(str(path), 0, lambda serialized: "").read
 
 
+def _checkpoints(workdir: pathlib.Path) -> list[int]:
+  return sorted(int(p.name) for p in (workdir / "checkpoints").glob("*") if p.name.isdigit())
+
+
 def _config(**changes) -> P.PipelineConfig:
   values = dict(batch_size=4, seed=3, shuffle_buffer=4, process_index=0, process_count=1)
   return P.PipelineConfig(**dict(values, **changes))
@@ -101,8 +107,6 @@ def test_a_damaged_shard_stops_every_reader_with_a_message_naming_it(small, tmp_
 
 
 def test_a_position_saved_after_the_damage_was_met_is_never_resumed(small, tmp_path):
-  import jax.numpy as jnp
-
   data = pathlib.Path(shutil.copytree(small, tmp_path / "data"))
   _flip(_shard(data, 3))
   iterator = P.make_train_iterator(data / "records", _config())
@@ -202,8 +206,6 @@ class _MeetsDamage(ToyBatches):
 
 
 def test_the_engine_writes_no_checkpoint_once_the_reader_met_damage(tmp_path):
-  import jax
-
   config = HubertECGConfig.preset("tiny", num_hidden_layers=1)
   loop = LoopConfig(total_steps=6, log_every=1, val_every=None, checkpoint_every=1, keep_last=6,
                     progress=False)
@@ -242,10 +244,6 @@ def _assert_one_line_error(done: subprocess.CompletedProcess, command: str, expe
   lines = [line for line in done.stderr.splitlines() if not _STARTUP.match(line)]
   assert len(lines) == 1 and lines[0].startswith(f"hubert-ecg-jax {command}: error: {expected}"), (
       done.stderr[-3000:])
-
-
-def _checkpoints(workdir: pathlib.Path) -> list[int]:
-  return sorted(int(p.name) for p in (workdir / "checkpoints").glob("*") if p.name.isdigit())
 
 
 def _losses(text: str) -> dict[int, str]:

@@ -58,19 +58,20 @@ class DamagedShard:
 
 
 class DamagedShards:
-  """The damaged shards a pipeline's readers met, in order; filled from tf.data's threads."""
+  """The damaged shards a pipeline's readers met, each file once, in order; filled from tf.data's
+  threads (every epoch meets them again)."""
 
   def __init__(self):
     self._lock = threading.Lock()
-    self._found: list[DamagedShard] = []
+    self._found: dict[str, DamagedShard] = {}
 
   def add(self, shard: DamagedShard) -> None:
     with self._lock:
-      self._found.append(shard)
+      self._found.setdefault(shard.path, shard)
 
   def found(self) -> list[DamagedShard]:
     with self._lock:
-      return list(self._found)
+      return list(self._found.values())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,7 +151,7 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
     self._iterator = iter(dataset)
     self._damaged = damaged or DamagedShards()
     self._skip, self._training, self._log = skip, training, log
-    self._told: set[str] = set()
+    self._told = 0  # damaged shards told of (skip)
 
   def __next__(self) -> dict[str, np.ndarray]:
     try:
@@ -171,10 +172,9 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
     found = self._damaged.found()
     if found and not self._skip:
       raise CorruptShardError(found[0].error(self._training))
-    for shard in found:
-      if shard.path not in self._told:
-        self._told.add(shard.path)
-        self._log(shard.note())
+    for shard in found[self._told:]:
+      self._log(shard.note())
+    self._told = len(found)
 
   def save(self, path: str | os.PathLike) -> str:
     """Writes the iterator state (a TF checkpoint with prefix `path`); returns the written prefix.
@@ -190,7 +190,7 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
       for written in tf.io.gfile.glob(f"{prefix}.*"):
         tf.io.gfile.remove(written)
       with tf.io.gfile.GFile(f"{prefix}.damaged", "w") as note:
-        note.write(f"this data position was saved after the input met a damaged shard: "
+        note.write("this data position was saved after the input met a damaged shard: "
                    f"{found[0].error(self._training)}")
     return prefix
 
