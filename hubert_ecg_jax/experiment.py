@@ -197,6 +197,7 @@ def pretraining_config(size: str, iteration: int | str | None = None) -> ConfigD
       honour_padding=True,  # False: mask padding frames too, as the original
       shuffle_buffer=1024,
       seed=0,
+      skip_corrupted=False,  # True: skip a damaged shard's unreadable records (counted), not stop
   ))
   config.optimizer = ConfigDict(dict(
       learning_rate=5e-5, b1=0.9, b2=0.98, eps=1e-9, weight_decay=0.01,

@@ -246,3 +246,40 @@ def test_benchmark_program_runs(capsys):
   assert [row["path"] for row in report["rows"]][:3] == [
       "pretrain (full pipeline)", "finetune (full pipeline)", "windows only (no online)"]
   assert all(row["ecg_per_cpu_s"] > 0 for row in report["rows"])
+
+
+# The batches of the reading before damaged shards were detected (commit ad3f04e), with cycle_length
+# 2 so that shard files end and others open mid-stream: detecting damage must not change them.
+_BEFORE_TRAIN_IDS = [
+    "r03 r00 r02 r18", "r19 r04 r06 r11", "r07 r05 r21 r22", "r20 r10 r09 r17", "r14 r12 r13 r16",
+    "r15 r01 r08 r13", "r16 r11 r15 r09", "r17 r18 r06 r10", "r05 r07 r21 r20", "r14 r19 r12 r02",
+    "r22 r00 r08 r03", "r04 r01 r04 r00"]
+_BEFORE_TRAIN_OFFSETS = [
+    [4632, 0, 0, 1074], [0, 107, 9270, 917], [0, 0, 0, 1971], [2446, 4355, 0, 2998], [0, 0, 1569, 0],
+    [2181, 1596, 1072, 3525], [0, 48, 2118, 0], [566, 1908, 547, 2324], [1, 0, 0, 3258],
+    [0, 1, 1, 0], [1, 0, 1350, 337], [711, 1328, 569, 0]]
+_BEFORE_MASKS_SHA256 = "47811eedb91850ad"  # of the packed span masks of the 12 pre-training batches
+_BEFORE_EVAL_IDS = ["r00 r04 r01 r05 r02", "r06 r03 r07 r08 r09", "r10 r13 r11 r14 r12",
+                    "r15 r16 r18 r17 r19", "r20 r21 r22"]
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_sound_shards_give_the_batches_of_the_reading_before_damage_detection(data, skip):
+  import hashlib
+
+  root, _ = data
+  config = _config(cycle_length=2, skip_corrupted=skip)
+  batches = _take(P.make_train_iterator(root / "five", config), 12)
+  assert [" ".join(b["record_id"]) for b in batches] == _BEFORE_TRAIN_IDS
+  assert [b["crop_offset"].tolist() for b in batches] == _BEFORE_TRAIN_OFFSETS
+  assert all(b.get(P.SKIPPED, 0) == 0 and (P.SKIPPED in b) == skip for b in batches)
+  units = P.make_train_iterator(root / "five", dataclasses.replace(config, train_crop="first"),
+                                root / "five_units")
+  masks = hashlib.sha256()
+  for expected in _BEFORE_TRAIN_IDS:
+    batch = next(units)
+    assert " ".join(batch["record_id"]) == expected
+    masks.update(np.packbits(batch["mask_time_indices"]).tobytes())
+  assert masks.hexdigest()[:16] == _BEFORE_MASKS_SHA256
+  evaluation = P.make_eval_iterator(root / "five", _config(cycle_length=2, batch_size=5))
+  assert [" ".join(b["record_id"]) for b in evaluation] == _BEFORE_EVAL_IDS

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterator
+import pathlib
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -19,6 +21,57 @@ from hubert_ecg_jax.data.preprocess import WINDOW_SAMPLES
 from hubert_ecg_jax.train.masking import sample_span_mask
 
 _EPOCH_SEED_STRIDE = 1_000_003
+SKIPPED = "skipped_records"  # batch key with `skip_corrupted`: damaged records left out before it
+
+
+class CorruptShardError(ValueError):
+  """A shard file that cannot be read to the end the manifest lists (damaged or cut short)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DamagedShard:
+  """A shard file whose reading stopped at an unreadable record."""
+  path: str
+  units: bool  # a units shard (written by `targets`), not a records shard
+  read: int  # records read before the first unreadable one
+  listed: int  # records the manifest lists for it
+
+  def _check(self) -> str:
+    return f"`hubert-ecg-jax verify {pathlib.Path(self.path).parent}` lists the damaged shards"
+
+  def error(self, training: bool) -> str:
+    """The one-line message that stops a strict run (`training`: a run that resumes)."""
+    fix = ("delete it and rerun the `hubert-ecg-jax targets` command that wrote it (it writes "
+           "missing shards again)" if self.units else
+           "replace it from its source (a copy, or `hubert-ecg-jax preprocess` again)")
+    rerun = ("rerun this command: it resumes from the last complete checkpoint. Or pass "
+             "--config.data.skip_corrupted=true to skip damaged records" if training else
+             "rerun this command")
+    return (f"{self.path}: record {self.read + 1} of {self.listed} cannot be read (the shard is "
+            f"damaged or cut short). {self._check()}; {fix}, then {rerun}.")
+
+  def note(self) -> str:
+    """The line that tells of a skip."""
+    return (f"skipped {self.listed - self.read} damaged records of {self.path} (records "
+            f"{self.read + 1} to {self.listed} of {self.listed}, in every epoch; counted as "
+            f"{SKIPPED}); {self._check()}")
+
+
+class DamagedShards:
+  """The damaged shards a pipeline's readers met, each file once, in order; filled from tf.data's
+  threads (every epoch meets them again)."""
+
+  def __init__(self):
+    self._lock = threading.Lock()
+    self._found: dict[str, DamagedShard] = {}
+
+  def add(self, shard: DamagedShard) -> None:
+    with self._lock:
+      self._found.setdefault(shard.path, shard)
+
+  def found(self) -> list[DamagedShard]:
+    with self._lock:
+      return list(self._found.values())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +91,9 @@ class PipelineConfig:
   parallel_batches: int = 2  # online-stage calls in flight
   prefetch_batches: int = 2
   threads: int | None = None  # tf.data threads (None: TensorFlow's default, all cores)
+  # A damaged shard stops training (False) or its unreadable records are skipped and counted (True).
+  # Evaluation passes always stop.
+  skip_corrupted: bool = False
   process_index: int | None = None  # None: jax.process_index()
   process_count: int | None = None  # None: jax.process_count()
   model_config: HubertECGConfig = dataclasses.field(default_factory=HubertECGConfig)
@@ -82,26 +138,68 @@ class PipelineConfig:
 
 
 class BatchIterator(Iterator[dict[str, np.ndarray]]):
-  """Iterates a pipeline's batches as numpy dicts; its position can be saved and restored."""
+  """Iterates a pipeline's batches as numpy dicts; its position can be saved and restored.
 
-  def __init__(self, dataset: Any):
+  `damaged` are the shards the pipeline's readers found damaged: with `skip` False the first one
+  stops the iteration with `CorruptShardError`, with `skip` True each is told once through `log`.
+  `training`: the error says how to resume the run, and that skipping is an option.
+  """
+
+  def __init__(self, dataset: Any, damaged: DamagedShards | None = None, skip: bool = False,
+               training: bool = False, log: Callable[[str], None] = print):
     self.dataset = dataset
     self._iterator = iter(dataset)
+    self._damaged = damaged or DamagedShards()
+    self._skip, self._training, self._log = skip, training, log
+    self._told = 0  # damaged shards told of (skip)
 
   def __next__(self) -> dict[str, np.ndarray]:
-    element = next(self._iterator)
+    try:
+      element = next(self._iterator)
+    except StopIteration:
+      self.check_damage()
+      raise
+    self.check_damage()
     batch = {key: value.numpy() for key, value in element.items()}
     batch["record_id"] = np.array([value.decode() for value in batch["record_id"]])
+    skipped = batch.pop(SKIPPED, None)  # training batches: 0 unless damaged records are skipped
+    if self._skip and skipped is not None:
+      batch[SKIPPED] = int(skipped.sum())
     return batch
 
+  def check_damage(self) -> None:
+    """Raises `CorruptShardError` for a damaged shard met (strict), or tells of new ones (skip)."""
+    found = self._damaged.found()
+    if found and not self._skip:
+      raise CorruptShardError(found[0].error(self._training))
+    for shard in found[self._told:]:
+      self._log(shard.note())
+    self._told = len(found)
+
   def save(self, path: str | os.PathLike) -> str:
-    """Writes the iterator state (a TF checkpoint with prefix `path`); returns the written prefix."""
+    """Writes the iterator state (a TF checkpoint with prefix `path`); returns the written prefix.
+
+    Strict: if the readers met a damaged shard by the end of the write, the state may lie past
+    it (a resume would lose the rest of that shard), so it is replaced by a note that `restore`
+    refuses: a resume then takes an earlier checkpoint.
+    """
     tf = records_lib.import_tensorflow()
-    return tf.train.Checkpoint(iterator=self._iterator).write(str(path))
+    prefix = tf.train.Checkpoint(iterator=self._iterator).write(str(path))
+    found = self._damaged.found()
+    if found and not self._skip:
+      for written in tf.io.gfile.glob(f"{prefix}.*"):
+        tf.io.gfile.remove(written)
+      with tf.io.gfile.GFile(f"{prefix}.damaged", "w") as note:
+        note.write("this data position was saved after the input met a damaged shard: "
+                   f"{found[0].error(self._training)}")
+    return prefix
 
   def restore(self, path: str | os.PathLike) -> None:
     """Moves this iterator to the state saved at `path` (from an iterator over the same pipeline)."""
     tf = records_lib.import_tensorflow()
+    if tf.io.gfile.exists(f"{path}.damaged"):
+      with tf.io.gfile.GFile(f"{path}.damaged") as note:
+        raise CorruptShardError(note.read())
     if not tf.io.gfile.exists(f"{path}.index"):
       raise FileNotFoundError(f"no iterator state at {path} (expected {path}.index)")
     tf.train.Checkpoint(iterator=self._iterator).read(str(path)).assert_consumed()
@@ -113,6 +211,7 @@ class _HostFiles:
   files, are split between the hosts (fewer files than hosts)."""
   manifest: records_lib.RecordsManifest
   records: list[str]
+  counts: list[int]  # records the manifest lists for each file
   units: list[str] | None
   units_shape: tuple[int, int] | None  # (codebooks, frames)
   split_records: bool
@@ -141,9 +240,9 @@ def _host_files(directory: str | os.PathLike, config: PipelineConfig, units_dir:
     raise ValueError(f"host {index} of {count} gets no records from {directory} "
                      f"({manifest.num_records} records in {len(paths)} shard files)")
   if not split_records:
-    paths = paths[index::count]
+    paths, counts = paths[index::count], counts[index::count]
     units_paths = None if units_paths is None else units_paths[index::count]
-  return _HostFiles(manifest, paths, units_paths, units_shape, split_records)
+  return _HostFiles(manifest, paths, counts, units_paths, units_shape, split_records)
 
 
 def _options(config: PipelineConfig) -> Any:
@@ -177,19 +276,76 @@ def _crop_offsets(tf: Any, num_samples: Any, mode: str, count: int, seed: Any) -
   return tf.cast(tf.round(spaced), tf.int32)
 
 
-def _record_stream(tf: Any, files: _HostFiles, config: PipelineConfig, file_seed: Any | None) -> Any:
-  """This host's part of one pass over the files: serialized examples, or (example, units) pairs
-  read side by side from a records shard and its units shard."""
+def _until_unreadable(tf: Any, path: Any) -> Any:
+  """The records of one shard file up to the first unreadable one, then "" (records are never
+  empty). Nothing may run asynchronously between the reader and `_shard_reader`'s scan: a saved
+  position past a damaged record must be one whose damage was reported (see `BatchIterator.save`)."""
+  return tf.data.TFRecordDataset(path).ignore_errors().concatenate(
+      tf.data.Dataset.from_tensors(tf.constant("")))
+
+
+def _placeholders(files: _HostFiles) -> list[bytes]:
+  """Serialized stand-ins for a damaged shard's marker element (a record, and its units): they
+  parse like any record and are dropped before batching."""
+  record = records_lib.StoredRecord(
+      record_id="", source="", signal=np.zeros((NUM_LEADS, 0), np.float32),
+      labels=np.zeros(files.manifest.num_labels, np.float32), source_fs=0.0)
+  out = [records_lib.encode_example(record)]
+  if files.units is not None:
+    out.append(units_lib.encode_units("", np.zeros(files.units_shape, np.int16)))
+  return out
+
+
+def _shard_reader(tf: Any, files: _HostFiles, skip: bool, damaged: DamagedShards | None
+                  ) -> Callable[..., Any]:
+  """Reads one records shard (beside its units shard) as elements (payload, skipped): payload the
+  serialized (example,) or (example, units), skipped 0. A shard that ends before its listed count
+  is reported; with `skip` it then yields one marker element: placeholders, skipped = the records
+  lost."""
+  placeholders = _placeholders(files)
+
+  def report(path: bytes, units: bool, read: np.int64, listed: np.int64) -> np.int64:
+    shard = DamagedShard(path.decode(), bool(units), int(read), int(listed))
+    if damaged is None and not skip:
+      raise CorruptShardError(shard.error(training=False))  # a bare dataset: stop it here
+    if damaged is not None:
+      damaged.add(shard)
+    return np.int64(listed - read)
+
+  def read(records_path: Any, listed: Any, units_path: Any = None) -> Any:
+    paths = [records_path] if units_path is None else [records_path, units_path]
+    sides = tf.data.Dataset.zip(tuple(_until_unreadable(tf, path) for path in paths))
+
+    def step(count: Any, payload: tuple[Any, ...]) -> tuple[Any, Any]:
+      at_end = tf.reduce_any(tf.stack([tf.equal(tf.strings.length(side), 0) for side in payload]))
+      units = tf.strings.length(payload[0]) > 0  # at the end: the units side ended first
+      lost = tf.cond(at_end & (count < listed), lambda: tf.numpy_function(
+          report, [tf.where(units, paths[-1], paths[0]), units, count, listed], tf.int64,
+          stateful=True), lambda: tf.constant(0, tf.int64))
+      if skip:  # a marker: placeholders that parse, and the count of the records lost
+        payload = tuple(tf.where(lost > 0, placeholder, side)
+                        for placeholder, side in zip(placeholders, payload))
+      return count + 1, (payload, tf.reshape(lost, []))
+
+    elements = sides.scan(tf.constant(0, tf.int64), step)
+    return elements.filter(lambda payload, lost: tf.strings.length(payload[0]) > 0)
+
+  return read
+
+
+def _record_stream(tf: Any, files: _HostFiles, config: PipelineConfig, file_seed: Any | None,
+                   skip: bool, damaged: DamagedShards | None) -> Any:
+  """This host's part of one pass over the files: (payload, skipped) elements (see
+  `_shard_reader`), a records shard read side by side with its units shard when there are units."""
+  counts = np.array(files.counts, np.int64)
   if files.units is None:
-    shards = tf.data.Dataset.from_tensor_slices(files.records)
-    read = tf.data.TFRecordDataset
+    shards = tf.data.Dataset.from_tensor_slices((files.records, counts))
   else:
-    shards = tf.data.Dataset.from_tensor_slices((files.records, files.units))
-    read = lambda records, units: tf.data.Dataset.zip((tf.data.TFRecordDataset(records),
-                                                       tf.data.TFRecordDataset(units)))
+    shards = tf.data.Dataset.from_tensor_slices((files.records, counts, files.units))
   if file_seed is not None:  # the same permutation with or without units
     shards = shards.shuffle(len(files.records), seed=file_seed)
-  stream = shards.interleave(read, cycle_length=min(config.cycle_length, len(files.records)),
+  stream = shards.interleave(_shard_reader(tf, files, skip, damaged),
+                             cycle_length=min(config.cycle_length, len(files.records)),
                              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   if files.split_records:
     index, count = config.hosts()
@@ -197,13 +353,12 @@ def _record_stream(tf: Any, files: _HostFiles, config: PipelineConfig, file_seed
   return stream
 
 
-def _parse(tf: Any, element: Any, files: _HostFiles) -> dict[str, Any]:
-  """The parsed record of a stream element, with its units as "targets" when there are units."""
+def _parse(tf: Any, payload: tuple[Any, ...], files: _HostFiles) -> dict[str, Any]:
+  """The parsed record of a stream payload, with its units as "targets" when there are units."""
+  parsed = records_lib.parse_example(payload[0], files.manifest.num_labels)
   if files.units is None:
-    return records_lib.parse_example(element, files.manifest.num_labels)
-  serialized, serialized_units = element
-  parsed = records_lib.parse_example(serialized, files.manifest.num_labels)
-  units = units_lib.parse_units(serialized_units, files.units_shape)
+    return parsed
+  units = units_lib.parse_units(payload[1], files.units_shape)
   in_step = tf.debugging.assert_equal(
       parsed["record_id"], units["record_id"],
       message="a units shard is out of step with its records shard (another records directory's "
@@ -221,10 +376,26 @@ def _element(parsed: dict[str, Any], windows: Any, offsets: Any) -> dict[str, An
   return element
 
 
+def _carry_skips(tf: Any, dataset: Any) -> Any:
+  """Moves the count of each marker element (skipped > 0) onto the next record and drops the
+  marker, so every batch counts the damaged records left out before it."""
+  def step(pending: Any, element: dict[str, Any]) -> tuple[Any, Any]:
+    marker = element[SKIPPED] > 0
+    element = dict(element, **{SKIPPED: element[SKIPPED] + pending})
+    return tf.where(marker, element[SKIPPED], tf.constant(0, tf.int64)), (element, ~marker)
+
+  kept = dataset.scan(tf.constant(0, tf.int64), step).filter(lambda element, keep: keep)
+  return kept.map(lambda element, keep: element)
+
+
 def train_windows_dataset(directory: str | os.PathLike, config: PipelineConfig,
-                          units_dir: str | os.PathLike | None = None) -> Any:
+                          units_dir: str | os.PathLike | None = None,
+                          damaged: DamagedShards | None = None) -> Any:
   """Endless batches of training windows before the online stage: windows float32 (B, 12, 2500),
-  and the records' units as targets int32 (B, codebooks, frames) when `units_dir` is given."""
+  skipped_records int64 (B,) (0 unless `skip_corrupted`), and the records' units as targets int32
+  (B, codebooks, frames) when `units_dir` is given. Damaged shards are reported to `damaged`
+  (without it, a strict pipeline stops with a TensorFlow error). Strict and skipping pipelines
+  have the same structure, so a position saved by one restores into the other."""
   tf = records_lib.import_tensorflow()
   config = config.resolved()
   files = _host_files(directory, config, units_dir, config.train_crop)
@@ -232,32 +403,37 @@ def train_windows_dataset(directory: str | os.PathLike, config: PipelineConfig,
 
   def epoch(epoch_index: Any) -> Any:
     epoch_seed = tf.constant(config.seed, tf.int64) * _EPOCH_SEED_STRIDE + epoch_index
-    stream = _record_stream(tf, files, config, epoch_seed).enumerate()
+    stream = _record_stream(tf, files, config, epoch_seed, config.skip_corrupted,
+                            damaged).enumerate()
 
-    def window(position: Any, element: Any) -> dict[str, Any]:
-      parsed = _parse(tf, element, files)
+    def window(position: Any, element: tuple[Any, Any]) -> dict[str, Any]:
+      payload, skipped = element
+      parsed = _parse(tf, payload, files)
       crop_seed = tf.stack([epoch_seed, position * count + index])
       offsets = _crop_offsets(tf, parsed["num_samples"], config.train_crop, 1, crop_seed)
-      return _element(parsed, _crop(tf, parsed["signal"], offsets, 1)[0], offsets[0])
+      out = _element(parsed, _crop(tf, parsed["signal"], offsets, 1)[0], offsets[0])
+      return dict(out, **{SKIPPED: skipped})
 
     windows = stream.map(window, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return windows.shuffle(config.shuffle_buffer, seed=epoch_seed)
 
-  dataset = tf.data.Dataset.range(np.iinfo(np.int64).max).flat_map(epoch)
+  dataset = _carry_skips(tf, tf.data.Dataset.range(np.iinfo(np.int64).max).flat_map(epoch))
   return dataset.batch(config.batch_size, drop_remainder=True).with_options(_options(config))
 
 
 def eval_windows_dataset(directory: str | os.PathLike, config: PipelineConfig,
-                         units_dir: str | os.PathLike | None = None) -> Any:
-  """One pass of evaluation windows, batched, before the online stage (last batch may be short)."""
+                         units_dir: str | os.PathLike | None = None,
+                         damaged: DamagedShards | None = None) -> Any:
+  """One pass of evaluation windows, batched, before the online stage (last batch may be short).
+  A damaged shard is reported to `damaged` whatever `skip_corrupted` says."""
   tf = records_lib.import_tensorflow()
   config = config.resolved()
   files = _host_files(directory, config, units_dir, config.eval_crop)
   index, count = config.hosts()
-  stream = _record_stream(tf, files, config, None).enumerate()
+  stream = _record_stream(tf, files, config, None, False, damaged).enumerate()
 
-  def windows(position: Any, element: Any) -> Any:
-    parsed = _parse(tf, element, files)
+  def windows(position: Any, element: tuple[Any, Any]) -> Any:
+    parsed = _parse(tf, element[0], files)
     crop_seed = tf.stack([tf.constant(config.seed, tf.int64), position * count + index])
     offsets = _crop_offsets(tf, parsed["num_samples"], config.eval_crop, config.eval_crops, crop_seed)
     windows = tf.stack(_crop(tf, parsed["signal"], offsets, config.eval_crops))  # (k, 12, 2500)
@@ -313,28 +489,53 @@ def _with_online_stage(windows_dataset: Any, config: PipelineConfig, with_masks:
 
 
 def train_dataset(directory: str | os.PathLike, config: PipelineConfig,
-                  units_dir: str | os.PathLike | None = None) -> Any:
+                  units_dir: str | os.PathLike | None = None,
+                  damaged: DamagedShards | None = None) -> Any:
   """The endless training tf.data.Dataset of batch dicts; with `units_dir` (pre-training) each
   batch carries the records' units as targets and span masks."""
   config = config.resolved()
-  return _with_online_stage(train_windows_dataset(directory, config, units_dir), config,
+  return _with_online_stage(train_windows_dataset(directory, config, units_dir, damaged), config,
                             with_masks=units_dir is not None)
 
 
 def eval_dataset(directory: str | os.PathLike, config: PipelineConfig,
-                 units_dir: str | os.PathLike | None = None) -> Any:
+                 units_dir: str | os.PathLike | None = None,
+                 damaged: DamagedShards | None = None) -> Any:
   """One evaluation pass as a tf.data.Dataset of batch dicts (targets too with `units_dir`)."""
   config = config.resolved()
-  return _with_online_stage(eval_windows_dataset(directory, config, units_dir), config, False)
+  return _with_online_stage(eval_windows_dataset(directory, config, units_dir, damaged), config,
+                            False)
 
 
 def make_train_iterator(directory: str | os.PathLike, config: PipelineConfig,
-                        units_dir: str | os.PathLike | None = None) -> BatchIterator:
-  """Endless training batches of this host, as numpy dicts."""
-  return BatchIterator(train_dataset(directory, config, units_dir))
+                        units_dir: str | os.PathLike | None = None,
+                        log: Callable[[str], None] = print) -> BatchIterator:
+  """Endless training batches of this host, as numpy dicts (damaged shards: see `BatchIterator`)."""
+  damaged = DamagedShards()
+  return BatchIterator(train_dataset(directory, config, units_dir, damaged), damaged,
+                       config.skip_corrupted, training=True, log=log)
 
 
 def make_eval_iterator(directory: str | os.PathLike, config: PipelineConfig,
                        units_dir: str | os.PathLike | None = None) -> BatchIterator:
-  """One evaluation pass over this host's records, as numpy dicts."""
-  return BatchIterator(eval_dataset(directory, config, units_dir))
+  """One evaluation pass over this host's records, as numpy dicts; a damaged shard stops it."""
+  damaged = DamagedShards()
+  return BatchIterator(eval_dataset(directory, config, units_dir, damaged), damaged)
+
+
+def make_labels_iterator(directory: str | os.PathLike, skip_corrupted: bool = False,
+                         log: Callable[[str], None] = print, batch_size: int = 4096) -> BatchIterator:
+  """The labels and ids of every record of a records directory, in file order, as numpy batches
+  (a training set's labels, read before training); damaged shards as in training."""
+  tf = records_lib.import_tensorflow()
+  config = PipelineConfig(batch_size=batch_size, cycle_length=1, process_index=0, process_count=1)
+  files = _host_files(directory, config, None, config.train_crop)
+  damaged = DamagedShards()
+
+  def labels(payload: tuple[Any, ...], skipped: Any) -> dict[str, Any]:
+    parsed = records_lib.parse_example(payload[0], files.manifest.num_labels)
+    return {"labels": parsed["labels"], "record_id": parsed["record_id"]}
+
+  stream = _record_stream(tf, files, config, None, skip_corrupted, damaged)
+  dataset = stream.filter(lambda payload, skipped: skipped == 0).map(labels).batch(batch_size)
+  return BatchIterator(dataset, damaged, skip_corrupted, training=True, log=log)

@@ -46,6 +46,7 @@ def default_config() -> ConfigDict:
       workers=placeholder(int),  # split_csv: processes preparing records; None: all cores
       train_fraction=1.0,  # < 1: a seeded, label-stratified fraction of train (label-efficiency curves)
       fraction_seed=0,
+      skip_corrupted=False,  # True: skip a damaged training shard's unreadable records (counted)
   ))
   config.train = ConfigDict(dict(
       batch_size=64, steps=70_000,

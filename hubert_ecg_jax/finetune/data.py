@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from hubert_ecg_jax.data import ingest, records as records_lib
+from hubert_ecg_jax.data.pipeline import make_labels_iterator
 from hubert_ecg_jax.progress import progress_bar
 
 SOURCES = ("records", "split_csv", "tfds")
@@ -36,6 +37,7 @@ class DataConfig:
   workers: int | None = None  # split_csv: processes preparing records; None: all cores
   train_fraction: float = 1.0  # < 1: train on a seeded, label-stratified fraction (finetune.fraction)
   fraction_seed: int = 0  # the seed of that fraction
+  skip_corrupted: bool = False  # training records of a damaged shard are skipped, not a stop
 
   def __post_init__(self) -> None:
     if not 0.0 < self.train_fraction <= 1.0:
@@ -79,20 +81,17 @@ def resolve_splits(config: DataConfig, workdir: str | os.PathLike, progress: boo
   return resolved
 
 
-def read_labels(directory: str | os.PathLike) -> tuple[list[str], np.ndarray, list[str]]:
-  """(record ids, labels (N, columns) float32, column names) of a records directory, in file order."""
-  tf = records_lib.import_tensorflow()
+def read_labels(directory: str | os.PathLike, skip_corrupted: bool = False
+                ) -> tuple[list[str], np.ndarray, list[str]]:
+  """(record ids, labels (N, columns) float32, column names) of a records directory, in file order.
+
+  A damaged shard stops it with `CorruptShardError`, or with `skip_corrupted` its unreadable
+  records are left out (as training leaves them out, and tells of them).
+  """
   manifest = records_lib.read_manifest(directory)
-  paths = [str(p) for p in records_lib.shard_paths(directory, manifest)]
-
-  def labels_only(serialized: Any) -> dict[str, Any]:
-    parsed = records_lib.parse_example(serialized, manifest.num_labels)
-    return {"labels": parsed["labels"], "record_id": parsed["record_id"]}
-
-  dataset = tf.data.TFRecordDataset(paths).map(labels_only).batch(4096)
   ids, labels = [], []
-  for batch in dataset.as_numpy_iterator():
-    ids.extend(value.decode() for value in batch["record_id"])
+  for batch in make_labels_iterator(directory, skip_corrupted, log=lambda note: None):
+    ids.extend(batch["record_id"].tolist())
     labels.append(batch["labels"])
   stacked = np.concatenate(labels) if labels else np.zeros((0, manifest.num_labels), np.float32)
   return ids, stacked, list(manifest.label_names)

@@ -148,8 +148,9 @@ def _train(settings: FinetuneSettings, prepared: Prepared, workdir: pathlib.Path
   runner = BatchRunner(classifier_logits_fn(prepared.model), settings.eval.batch_size, devices)
   pipeline = PipelineConfig(batch_size=t.batch_size, seed=t.seed,
                             train_crop="random" if t.random_crop else "first",
-                            shuffle_buffer=t.shuffle_buffer, process_index=0, process_count=1)
-  batches = make_train_iterator(prepared.splits["train"], pipeline)
+                            shuffle_buffer=t.shuffle_buffer, process_index=0, process_count=1,
+                            skip_corrupted=settings.data.skip_corrupted)
+  batches = make_train_iterator(prepared.splits["train"], pipeline, log=print_fn)
   run = RunConfig(total_steps=t.steps, log_every=t.log_every, val_every=t.eval_every,
                   checkpoint_every=None, keep_last=t.keep_checkpoints, keep_best=0,
                   max_nonfinite_streak=t.max_nonfinite_streak, progress=t.progress)

@@ -64,7 +64,7 @@ class Validation:
 def prepare(settings: FinetuneSettings, workdir: pathlib.Path) -> Prepared:
   """The task, loss weights and classifier of a run (see the module docstring)."""
   splits = resolve_splits(settings.data, workdir, settings.train.progress)
-  _, labels, names = read_labels(splits["train"])
+  _, labels, names = read_labels(splits["train"], settings.data.skip_corrupted)
   if len(labels) == 0:
     raise ValueError(f"the training data {splits['train']} holds no records")
   task = task_from_dataset(settings.task_kind, names, labels, settings.task_columns)

@@ -14,6 +14,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
+from hubert_ecg_jax.data.pipeline import SKIPPED
 from hubert_ecg_jax.parallel import Launcher, host_copy
 from hubert_ecg_jax.progress import progress_bar
 from hubert_ecg_jax.train.checkpointing import CheckpointManager, DataPosition, abstract_like
@@ -136,7 +137,12 @@ class Engine:
 
   def run(self, workdir: str | pathlib.Path, job: Job, batches: Iterator[dict[str, np.ndarray]],
           position: DataPosition | None) -> Outcome:
-    """Trains `job` to `total_steps` in `workdir` (checkpoints/, tensorboard/), resuming if it can."""
+    """Trains `job` to `total_steps` in `workdir` (checkpoints/, tensorboard/), resuming if it can.
+
+    Batches may carry `skipped_records` (damaged records left out, logged summed per log line)
+    and the iterator may have `check_damage()`, called before each checkpoint (see
+    `data.pipeline.BatchIterator`).
+    """
     workdir = pathlib.Path(workdir)
     manager = CheckpointManager(workdir / "checkpoints", self.config.keep_last, self.config.keep_best)
     writer = MetricsWriter(workdir / "tensorboard", self.print)
@@ -165,6 +171,8 @@ class Engine:
     if position is None:
       self.print("note: the batches have no save/restore: a resumed run will not continue the "
                  "data stream where this one stopped")
+    check_damage = getattr(batches, "check_damage", lambda: None)
+    skipped: int | None = None  # damaged records the batches left out since the last log (if told)
     metrics: dict[str, float] = {}
     val_loss = None
     stop_reason = job.stop_reason() or "finished"
@@ -175,6 +183,7 @@ class Engine:
                disable=not loop.progress or jax.process_index() != 0)
 
     def checkpoint(with_val_loss: float | None = None) -> None:
+      check_damage()  # no checkpoint holds a data position past a damaged shard
       tree = self._with_extra(job, launcher.checkpoint_view(state))
       manager.save(step, tree, position, with_val_loss)
 
@@ -186,7 +195,10 @@ class Engine:
         if signals.any_process():
           stop_reason = signals.received or "SIGTERM"  # another process got it
           break
-        batch = job.batch(next(batches))
+        item = next(batches)
+        if SKIPPED in item:
+          skipped = (skipped or 0) + int(item[SKIPPED])
+        batch = job.batch(item)
         global_batch = batch["x"].shape[0] * jax.process_count()
         state, step_metrics = launcher.train_step(state, launcher.place_batch(batch))
         step += 1
@@ -199,6 +211,8 @@ class Engine:
           timer_step, timer_start = step, time.perf_counter()
         if step % loop.log_every == 0 or step in (first_step + 1, loop.total_steps):
           metrics = {k: float(v) for k, v in launcher.to_host(step_metrics).items()}
+          if skipped is not None:
+            metrics[SKIPPED], skipped = _all_processes_sum(skipped), 0
           elapsed = time.perf_counter() - timer_start
           if step > timer_step and elapsed > 0:
             metrics["ecg_per_s"] = global_batch * (step - timer_step) / elapsed
@@ -227,3 +241,9 @@ class Engine:
       return Outcome(step, stop_reason, metrics, val_loss, None)
     exported = job.export(workdir, launcher.checkpoint_view(state), manager, step)
     return Outcome(step, stop_reason, metrics, val_loss, exported)
+
+
+def _all_processes_sum(count: int) -> int:
+  if jax.process_count() == 1:
+    return count
+  return int(multihost_utils.process_allgather(np.array(count)).sum())

@@ -264,7 +264,8 @@ def _pretrain(config: ConfigDict, workdir: str | pathlib.Path) -> TrainResult:
   pipeline = PipelineConfig(batch_size=local_batch, seed=d.seed, train_crop="first", eval_crop="first",
                             mask_prob=d.mask_prob, mask_span=d.mask_span,
                             min_masks=d.min_masks, honour_padding=d.honour_padding,
-                            shuffle_buffer=d.shuffle_buffer, model_config=model_config)
+                            shuffle_buffer=d.shuffle_buffer, skip_corrupted=d.skip_corrupted,
+                            model_config=model_config)
   init_params = None
   if m.init_from:  # the next iteration: previous backbone and projection, new label embeddings
     _, previous = load_pretrained(m.init_from)
@@ -272,5 +273,5 @@ def _pretrain(config: ConfigDict, workdir: str | pathlib.Path) -> TrainResult:
   trainer = Pretrainer(model_config, optimizer_config, loop_config)
   val_batches = ((lambda: make_eval_iterator(d.val_dir, pipeline, d.val_units)) if d.val_dir
                  else None)
-  return trainer.run(workdir, make_train_iterator(d.train_dir, pipeline, d.train_units), val_batches,
-                     init_params=init_params)
+  train_batches = make_train_iterator(d.train_dir, pipeline, d.train_units, log=trainer.print)
+  return trainer.run(workdir, train_batches, val_batches, init_params=init_params)
