@@ -6,6 +6,7 @@ atomically, the manifest after each; a rerun of the same job resumes (`preproces
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import math
@@ -18,6 +19,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from hubert_ecg_jax.data import records as records_lib
 from hubert_ecg_jax.data.labels import MultiLabelEncoder, read_split_csv, snomed_codes_from_header
@@ -183,6 +185,14 @@ def prepare_source(source: RecordSource, settings: PrepareSettings
     return source.location, f"{type(error).__name__}: {error}"
 
 
+def limit_worker_threads() -> None:
+  """Pool initializer: one BLAS thread per worker, the pool having a worker per core. With a BLAS
+  thread per core in every worker, the small solve in each `filtfilt` (`lfilter_zi`) sets them
+  spinning against each other: 0.2 ms with one thread, up to 160 ms measured with a thread per
+  core (two workers on two busy cores)."""
+  threadpool_limits(1)
+
+
 def prepare_task(task: tuple[RecordSource, PrepareSettings]
                   ) -> records_lib.StoredRecord | tuple[str, str]:
   return prepare_source(*task)
@@ -260,7 +270,7 @@ def preprocess_records(src: str | os.PathLike, out: str | os.PathLike, *,
   manifest = _prepare_out(out, job)
 
   context = multiprocessing.get_context("spawn")  # TensorFlow in the parent is not fork-safe
-  pool = context.Pool(workers) if workers > 1 else None
+  pool = context.Pool(workers, initializer=limit_worker_threads) if workers > 1 else None
   try:
     if manifest is None:
       if label_source == "dx":
@@ -275,7 +285,8 @@ def preprocess_records(src: str | os.PathLike, out: str | os.PathLike, *,
                          "fs_given": fs, "missing_leads": missing_leads, "zeroed_leads": {}})
       records_lib.write_manifest(out, manifest)
     settings = dataclasses.replace(settings, label_names=tuple(manifest.label_names))
-    _write_shards(out, sources, manifest, settings, num_shards, pool, show_progress)
+    with contextlib.nullcontext() if pool else threadpool_limits(1):  # in this process: as a worker
+      _write_shards(out, sources, manifest, settings, num_shards, pool, show_progress)
   finally:
     if pool is not None:
       pool.terminate()
