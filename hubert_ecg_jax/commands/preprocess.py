@@ -4,10 +4,10 @@ Records are listed (a folder searched recursively for `.hea`, `.npy` and CODE-15
 files, one CODE-15 HDF5 file, or a CSV whose first column names the files; each exam of an HDF5 file
 is one record, `<file name>/<exam_id>`), permuted with a fixed seed and split into contiguous shard
 blocks, so the assignment of records to shards depends only on the list of records and the shard
-count. Worker processes read and prepare records (`prepare_record`: band-pass, resample, min-max;
-an HDF5 exam is read alone, by its row); the main process writes each shard atomically and then
-records it as finished in `manifest.json`. A rerun with the same arguments skips finished shards; a
-rerun with different ones is refused. Bad records are reported on stderr and in the manifest's
+count. Worker processes (one per core) read, prepare (`prepare_record`: band-pass, resample,
+min-max; an HDF5 exam is read alone, by its row) and serialize records; the main process writes
+each shard atomically and then records it as finished in `manifest.json`. A rerun with the same
+arguments skips finished shards; a rerun with different ones is refused. Bad records are reported on stderr and in the manifest's
 `failures`, and the job carries on.
 """
 from __future__ import annotations

@@ -1,11 +1,12 @@
 """Ingestion, the library of `hubert-ecg-jax preprocess` (its help tells the whole job).
 
 List the records of a source (`list_sources`), assign them to shards by a fixed-seed permutation
-(`shard_assignment`), prepare each in worker processes (`prepare_source`) and write the shards
-atomically, the manifest after each; a rerun of the same job resumes (`preprocess_records`).
+(`shard_assignment`), prepare and serialize each in worker processes (`encode_task`) and write the
+shards atomically, the manifest after each; a rerun of the same job resumes (`preprocess_records`).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import math
@@ -18,6 +19,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from hubert_ecg_jax.data import records as records_lib
 from hubert_ecg_jax.data.labels import MultiLabelEncoder, read_split_csv, snomed_codes_from_header
@@ -183,9 +185,36 @@ def prepare_source(source: RecordSource, settings: PrepareSettings
     return source.location, f"{type(error).__name__}: {error}"
 
 
+def limit_worker_threads() -> None:
+  """Pool initializer: one BLAS thread per worker, the pool having a worker per core. With a BLAS
+  thread per core in every worker, the small solve in each `filtfilt` (`lfilter_zi`) sets them
+  spinning against each other: 0.2 ms with one thread, up to 160 ms measured with a thread per
+  core (two workers on two busy cores)."""
+  threadpool_limits(1)
+
+
 def prepare_task(task: tuple[RecordSource, PrepareSettings]
                   ) -> records_lib.StoredRecord | tuple[str, str]:
   return prepare_source(*task)
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodedRecord:
+  """A prepared record as its serialized example, with what the manifest keeps of it."""
+  record_id: str
+  source_fs: float
+  zeroed_leads: tuple[str, ...]  # leads entered as zeros (missing_leads "zero")
+  example: bytes
+
+
+def encode_task(task: tuple[RecordSource, PrepareSettings]) -> EncodedRecord | tuple[str, str]:
+  """`prepare_task`, then serialized in the worker, so that the parent only writes bytes."""
+  result = prepare_task(task)
+  if isinstance(result, tuple):
+    return result
+  zeroed = zeroed_leads(result.signal) if task[1].missing_leads == "zero" else []
+  return EncodedRecord(result.record_id, result.source_fs, tuple(zeroed),
+                       records_lib.encode_example(result))
 
 
 def file_digest(path: pathlib.Path) -> str:
@@ -260,7 +289,7 @@ def preprocess_records(src: str | os.PathLike, out: str | os.PathLike, *,
   manifest = _prepare_out(out, job)
 
   context = multiprocessing.get_context("spawn")  # TensorFlow in the parent is not fork-safe
-  pool = context.Pool(workers) if workers > 1 else None
+  pool = context.Pool(workers, initializer=limit_worker_threads) if workers > 1 else None
   try:
     if manifest is None:
       if label_source == "dx":
@@ -275,7 +304,8 @@ def preprocess_records(src: str | os.PathLike, out: str | os.PathLike, *,
                          "fs_given": fs, "missing_leads": missing_leads, "zeroed_leads": {}})
       records_lib.write_manifest(out, manifest)
     settings = dataclasses.replace(settings, label_names=tuple(manifest.label_names))
-    _write_shards(out, sources, manifest, settings, num_shards, pool, show_progress)
+    with contextlib.nullcontext() if pool else threadpool_limits(1):  # in this process: as a worker
+      _write_shards(out, sources, manifest, settings, num_shards, pool, show_progress)
   finally:
     if pool is not None:
       pool.terminate()
@@ -296,8 +326,8 @@ def _write_shards(out: pathlib.Path, sources: Sequence[RecordSource],
   todo = [(i, block) for i, block in enumerate(blocks)
           if records_lib.shard_file_name(i, num_shards) not in finished]
   queue = [(sources[j], settings) for _, block in todo for j in block]
-  results: Iterator[Any] = (pool.imap(prepare_task, queue, chunksize=2) if pool else
-                            map(prepare_task, queue))
+  results: Iterator[Any] = (pool.imap(encode_task, queue, chunksize=2) if pool else
+                            map(encode_task, queue))
   progress = progress_bar(total=len(sources), initial=len(sources) - len(queue), desc="preprocessing",
                   unit="record", disable=not show_progress)
   for index, block in todo:
@@ -313,9 +343,10 @@ def _write_shards(out: pathlib.Path, sources: Sequence[RecordSource],
           progress.write(f"skipped {result[0]}: {result[1]}", file=sys.stderr)
           continue
         rates[f"{result.source_fs:g}"] += 1
-        if settings.missing_leads == "zero" and (zeroed := zeroed_leads(result.signal)):
-          manifest.preprocessing.setdefault("zeroed_leads", {})[result.record_id] = zeroed
-        yield records_lib.encode_example(result)
+        if result.zeroed_leads:
+          zeroed = manifest.preprocessing.setdefault("zeroed_leads", {})
+          zeroed[result.record_id] = list(result.zeroed_leads)
+        yield result.example
 
     name = records_lib.shard_file_name(index, num_shards)
     written = records_lib.write_shard(out / name, shard_examples(len(block)))

@@ -74,9 +74,32 @@ def _check_wfdb_files(header, folder: Path, header_path: Path) -> None:
           f"{header.sig_len} samples of {len(formats)} channels (formats {sorted(set(formats))})")
 
 
+def _check_wfdb_header(header, header_path: Path) -> None:
+  """Refuses a parsed WFDB header (or record) whose signals or signal files do not add up."""
+  described = len(header.file_name or [])
+  if not header.n_sig or described != header.n_sig:
+    raise ValueError(
+        f"{header_path}: malformed WFDB header: it declares {header.n_sig} signals and describes {described}")
+  _check_wfdb_files(header, header_path.parent, header_path)
+
+
+def _diagnose_wfdb(record_name: str, header_path: Path) -> None:
+  """Raises what is wrong with the header or signal files of a record that wfdb could not read."""
+  import wfdb
+
+  try:
+    header = wfdb.rdheader(record_name)
+  except Exception as error:  # wfdb raises TypeError/ValueError/IndexError on bad headers
+    raise ValueError(f"{header_path}: malformed WFDB header ({type(error).__name__}: {error})") from error
+  _check_wfdb_header(header, header_path)
+
+
 def read_wfdb(header_path: Path, fs: float | None = None,
               lead_names: Sequence[str] | None = None) -> EcgRecord:
-  """A WFDB record from its `.hea` path (signal in `.dat` or CinC `.mat` files)."""
+  """A WFDB record from its `.hea` path (signal in `.dat` or CinC `.mat` files).
+
+  The header is parsed once, by `rdrecord` (wfdb parsing it is most of what reading costs); only a
+  record it cannot read has its header parsed again, to say what is wrong."""
   import wfdb
 
   header_path = Path(header_path)
@@ -84,20 +107,13 @@ def read_wfdb(header_path: Path, fs: float | None = None,
     raise FileNotFoundError(f"WFDB header {header_path} not found")
   record_name = str(header_path.with_suffix(""))
   try:
-    header = wfdb.rdheader(record_name)
-  except Exception as error:  # wfdb raises TypeError/ValueError/IndexError on bad headers
-    raise ValueError(f"{header_path}: malformed WFDB header ({type(error).__name__}: {error})") from error
-  described = len(header.file_name or [])
-  if not header.n_sig or described != header.n_sig:
-    raise ValueError(
-        f"{header_path}: malformed WFDB header: it declares {header.n_sig} signals and describes {described}")
-  _check_wfdb_files(header, header_path.parent, header_path)
-  try:
     record = wfdb.rdrecord(record_name, physical=True)
-  except FileNotFoundError:
-    raise
   except Exception as error:
+    _diagnose_wfdb(record_name, header_path)
+    if isinstance(error, FileNotFoundError):
+      raise
     raise ValueError(f"{header_path}: cannot read the signal ({type(error).__name__}: {error})") from error
+  _check_wfdb_header(record, header_path)
   if fs is not None and float(fs) != float(record.fs):
     raise ValueError(f"{header_path}: fs={fs} given but the header says {record.fs}")
   signal = record.p_signal.T.astype(np.float64)  # (leads, samples)

@@ -4,10 +4,12 @@ More in docs/modules.md."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import pathlib
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import struct
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -20,6 +22,8 @@ MANIFEST_FORMAT = "hubert-ecg-jax/records"
 MANIFEST_VERSION = 1
 RECORDS_PER_SHARD = 512  # streaming writes
 SEX_FEMALE, SEX_MALE, SEX_UNKNOWN = 0, 1, -1
+_CRC32C_POLYNOMIAL = 0x82F63B78  # reflected
+_CRC32C_MASK_DELTA = 0xA282EAD8  # TFRecord's mask: rotate right by 15 bits, add this
 
 
 @dataclasses.dataclass
@@ -103,32 +107,55 @@ def import_tensorflow() -> Any:
   return tf
 
 
+def _varint(value: int) -> bytes:
+  """Protocol-buffer varint of 0 <= value < 2**64: 7 bits a byte, low bits first."""
+  out = bytearray()
+  while value > 0x7F:
+    out.append(value & 0x7F | 0x80)
+    value >>= 7
+  out.append(value)
+  return bytes(out)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+  """A length-delimited protocol-buffer field (wire type 2)."""
+  return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _bytes_feature(value: bytes) -> bytes:
+  return _field(1, _field(1, value))  # Feature.bytes_list: BytesList.value
+
+
+def _int_feature(value: int) -> bytes:
+  return _field(3, _field(1, _varint(int(value) % 2**64)))  # Feature.int64_list: packed, 2's complement
+
+
+def _floats_feature(values: Sequence[float] | np.ndarray) -> bytes:
+  packed = np.asarray(values, "<f4").tobytes()
+  return _field(2, _field(1, packed) if packed else b"")  # Feature.float_list: packed float32
+
+
 def encode_example(record: StoredRecord) -> bytes:
-  """Serialises one record as a `tf.train.Example`."""
-  tf = import_tensorflow()
+  """Serialises one record as a `tf.train.Example`.
+
+  The protocol-buffer wire format is written here (features in name order), so that worker
+  processes encode without importing TensorFlow and equal records give equal bytes in any process
+  (TensorFlow's own serialisation orders the features differently from one process to the next)."""
   signal = np.ascontiguousarray(record.signal, dtype="<f4")
-
-  def as_bytes(value: bytes) -> Any:
-    return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
-
-  def as_int(value: int) -> Any:
-    return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(value)]))
-
-  def as_floats(values: Iterable[float]) -> Any:
-    return tf.train.Feature(float_list=tf.train.FloatList(value=list(values)))
-
   features = {
-      "signal": as_bytes(signal.tobytes()),
-      "num_samples": as_int(signal.shape[1]),
-      "record_id": as_bytes(record.record_id.encode()),
-      "source": as_bytes(record.source.encode()),
-      "source_fs": as_floats([record.source_fs]),
-      "labels": as_floats(record.labels.tolist()),
-      "age": as_floats([record.age]),
-      "sex": as_int(record.sex),
+      "signal": _bytes_feature(signal.tobytes()),
+      "num_samples": _int_feature(signal.shape[1]),
+      "record_id": _bytes_feature(record.record_id.encode()),
+      "source": _bytes_feature(record.source.encode()),
+      "source_fs": _floats_feature([record.source_fs]),
+      "labels": _floats_feature(record.labels),
+      "age": _floats_feature([record.age]),
+      "sex": _int_feature(record.sex),
   }
-  example = tf.train.Example(features=tf.train.Features(feature=features))
-  return example.SerializeToString()
+  # Example.features: Features.feature, a map<string, Feature> (entries: key 1, value 2)
+  entries = b"".join(_field(1, _field(1, name.encode()) + _field(2, feature))
+                     for name, feature in sorted(features.items()))
+  return _field(1, entries)
 
 
 def decode_example(serialized: bytes) -> StoredRecord:
@@ -170,13 +197,62 @@ def parse_example(serialized: Any, num_labels: int) -> dict[str, Any]:
   return parsed
 
 
+@functools.cache
+def _crc32c_tables() -> np.ndarray:
+  """CRC-32C (Castagnoli, reflected) slicing-by-8 tables: row k is row 0 carried k bytes on.
+
+  int64 (8, 256), as the kernel computes in int64 (values below 2**32)."""
+  tables = np.zeros((8, 256), np.int64)
+  for byte in range(256):
+    crc = byte
+    for _ in range(8):
+      crc = crc >> 1 ^ (_CRC32C_POLYNOMIAL if crc & 1 else 0)
+    tables[0, byte] = crc
+  for k in range(1, 8):
+    tables[k] = tables[k - 1] >> 8 ^ tables[0, tables[k - 1] & 0xFF]
+  return tables
+
+
+def _crc32c_loop(words: np.ndarray, tail: np.ndarray, tables: np.ndarray) -> int:
+  """CRC-32C of the bytes of `words` (int64, 8 bytes little-endian each), then of `tail` (uint8)."""
+  crc = 0xFFFFFFFF
+  for word in words:
+    x = word ^ crc
+    crc = (tables[7, x & 0xFF] ^ tables[6, x >> 8 & 0xFF] ^ tables[5, x >> 16 & 0xFF]
+           ^ tables[4, x >> 24 & 0xFF] ^ tables[3, x >> 32 & 0xFF] ^ tables[2, x >> 40 & 0xFF]
+           ^ tables[1, x >> 48 & 0xFF] ^ tables[0, x >> 56 & 0xFF])
+  for byte in tail:
+    crc = tables[0, (crc ^ byte) & 0xFF] ^ crc >> 8
+  return crc ^ 0xFFFFFFFF
+
+
+@functools.cache
+def _crc32c_kernel() -> Callable[[np.ndarray, np.ndarray, np.ndarray], int]:
+  import numba  # only writers need it, not the worker processes that import this module
+
+  return numba.njit(nogil=True, cache=True)(_crc32c_loop)
+
+
+def masked_crc32c(data: bytes) -> int:
+  """The masked CRC-32C that TFRecord files store beside each length and each record."""
+  array = np.frombuffer(data, np.uint8)
+  cut = len(array) - len(array) % 8
+  crc = int(_crc32c_kernel()(array[:cut].view("<i8"), array[cut:], _crc32c_tables()))
+  return ((crc >> 15 | crc << 17) + _CRC32C_MASK_DELTA) & 0xFFFFFFFF
+
+
 def write_shard(path: str | os.PathLike, serialized_records: Iterable[bytes]) -> int:
-  """Writes serialized examples to `path` atomically (temporary file, then rename); returns count."""
-  tf = import_tensorflow()
+  """Writes serialized examples to `path` atomically (temporary file, then rename); returns count.
+
+  TFRecord format, written here without TensorFlow: per record its length (uint64), the length's
+  masked CRC-32C (uint32), the data and the data's masked CRC-32C, all little-endian."""
   count = 0
-  with atomic_path(path) as temporary, tf.io.TFRecordWriter(str(temporary)) as writer:
+  with atomic_path(path) as temporary, open(temporary, "wb") as file:
     for serialized in serialized_records:
-      writer.write(serialized)
+      length = struct.pack("<Q", len(serialized))
+      file.write(length + struct.pack("<I", masked_crc32c(length)))
+      file.write(serialized)
+      file.write(struct.pack("<I", masked_crc32c(serialized)))
       count += 1
   return count
 
