@@ -12,6 +12,8 @@ from hubert_ecg_jax.devtools.bench_offline import StageResult, bench_preprocess,
 
 NUM_RECORDS = 40
 STAGES = ["read + prepare", "preprocess"]
+TARGET_STAGES = ["k-means sample", "k-means fit", "units, iteration 1", "units, host side",
+                 "units, tiny L1"]
 
 
 @pytest.fixture(scope="module")
@@ -47,18 +49,27 @@ def test_command_json_reuses_the_work_folder(work_dir, capsys):
   # The folder holds the synthetic records of the test above: they are reused, not written again.
   written = {path: path.stat().st_mtime_ns for path in (work_dir / "wfdb").iterdir()}
   assert cli_main(["bench", "offline", "--records", str(NUM_RECORDS), "--workers", "1",
-                   "--repeats", "2", "--work-dir", str(work_dir), "--json"]) == 0
+                   "--repeats", "2", "--work-dir", str(work_dir), "--size", "tiny",
+                   "--model-records", "8", "--json"]) == 0
   report = json.loads(capsys.readouterr().out)
   assert {path: path.stat().st_mtime_ns for path in (work_dir / "wfdb").iterdir()} == written
   assert report["records"] == NUM_RECORDS and report["workers"] == 1 and report["repeats"] == 2
   assert report["cpus"] >= 1
   assert {"load_before", "load_after"} <= set(report)
-  assert [stage["stage"] for stage in report["stages"]] == STAGES
+  assert [stage["stage"] for stage in report["stages"]] == STAGES + TARGET_STAGES
   for stage in report["stages"]:
     assert set(stage) == {"stage", "ecgs", "seconds", "bytes_written", "note", "ecg_per_s",
                           "bytes_per_ecg"}
   records = work_dir / "records"
   assert report["stages"][1]["bytes_written"] == sum(p.stat().st_size for p in records.iterdir())
+  # The units passes write only the units: under 1 KB per ECG, the units files and their manifest.
+  by_name = {stage["stage"]: stage for stage in report["stages"]}
+  units = work_dir / "units_it1"
+  assert by_name["units, iteration 1"]["bytes_written"] == sum(
+      p.stat().st_size for p in units.iterdir())
+  assert by_name["units, iteration 1"]["ecgs"] == NUM_RECORDS
+  assert 0 < by_name["units, iteration 1"]["bytes_per_ecg"] < 1024
+  assert by_name["units, tiny L1"]["ecgs"] == 8
 
 
 def test_command_refuses_a_work_folder_of_other_records(work_dir, capsys):

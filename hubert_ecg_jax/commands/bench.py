@@ -48,6 +48,9 @@ def register(subparsers) -> None:
                  help="offline: synthetic 10-s 500 Hz WFDB records to process (default 2000)")
   p.add_argument("--workers", type=int, default=None,
                  help="offline: worker processes (default: all CPU cores)")
+  p.add_argument("--model-records", type=int, default=64,
+                 help="offline: records of the units pass over a model layer (model: --size, "
+                 "randomly initialised; default 64)")
   p.add_argument("--work-dir", help="offline: folder for the records and outputs, kept (default: a "
                  "temporary folder, removed after); its synthetic records are reused by a rerun")
   p.set_defaults(func=run)
@@ -90,8 +93,8 @@ def _run_offline(args: argparse.Namespace) -> int:
   folder = (contextlib.nullcontext(args.work_dir) if args.work_dir
             else tempfile.TemporaryDirectory(prefix="bench-offline-"))
   with folder as work_dir:
-    results, machine = bench_offline.run_offline_benchmark(pathlib.Path(work_dir), args.records,
-                                                           args.workers, repeats)
+    results, machine = bench_offline.run_offline_benchmark(
+        pathlib.Path(work_dir), args.records, args.workers, repeats, args.size, args.model_records)
   if args.json:
     print(json.dumps({**machine, "stages": [result.to_dict() for result in results]}, indent=2))
   else:
