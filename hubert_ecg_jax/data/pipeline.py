@@ -381,11 +381,10 @@ def _carry_skips(tf: Any, dataset: Any) -> Any:
   marker, so every batch counts the damaged records left out before it."""
   def step(pending: Any, element: dict[str, Any]) -> tuple[Any, Any]:
     marker = element[SKIPPED] > 0
-    element = dict(element, **{SKIPPED: element[SKIPPED] + pending})
-    return tf.where(marker, element[SKIPPED], tf.constant(0, tf.int64)), (element, ~marker)
+    carried = tf.where(marker, tf.constant(-1, tf.int64), pending)  # -1: drop it
+    return tf.where(marker, pending + element[SKIPPED], 0), dict(element, **{SKIPPED: carried})
 
-  kept = dataset.scan(tf.constant(0, tf.int64), step).filter(lambda element, keep: keep)
-  return kept.map(lambda element, keep: element)
+  return dataset.scan(tf.constant(0, tf.int64), step).filter(lambda element: element[SKIPPED] >= 0)
 
 
 def train_windows_dataset(directory: str | os.PathLike, config: PipelineConfig,
