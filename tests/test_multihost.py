@@ -62,13 +62,14 @@ class Recorded:
     self.batches.restore(path)
 
 
-def replayed(directory, config, units):
+def replayed(directory, config, units, **options):
   for step in range(1, 10**9):
     parts = [np.load(folder / f"process{i}-step{step}.npz") for i in (0, 1)]
     yield {key: np.concatenate([part[key] for part in parts]) for key in parts[0].files}
 
 
-loop.make_train_iterator = (lambda d, c, u: Recorded(read(d, c, u))) if mode == "record" else replayed
+loop.make_train_iterator = ((lambda d, c, u, **options: Recorded(read(d, c, u, **options)))
+                            if mode == "record" else replayed)
 sys.exit(cli.main(sys.argv[3:]))
 """
 
