@@ -189,6 +189,14 @@ def test_skipping_leaves_out_exactly_the_unreadable_records_and_counts_them(smal
     assert len(ids) == len(labels) == sound and not unreadable & set(ids)
 
 
+def test_skipping_refuses_shards_without_a_readable_record(small, tmp_path):
+  data = pathlib.Path(shutil.copytree(small, tmp_path / "data"))
+  for index in range(3):
+    (data / "records" / R.shard_file_name(index, 3)).write_bytes(b"\0" * 100)  # zeroed, cut
+  with pytest.raises(P.CorruptShardError, match="nothing to train on, even skipping"):
+    P.make_train_iterator(data / "records", _config(skip_corrupted=True))
+
+
 class _MeetsDamage(ToyBatches):
   """Toy batches whose reader meets a damaged shard once batch `at` is handed out (during a step)."""
 

@@ -22,6 +22,7 @@ from hubert_ecg_jax.train.masking import sample_span_mask
 
 _EPOCH_SEED_STRIDE = 1_000_003
 SKIPPED = "skipped_records"  # batch key with `skip_corrupted`: damaged records left out before it
+_BLOCK = 8  # records a shard's reader reads per step
 
 
 class CorruptShardError(ValueError):
@@ -277,11 +278,12 @@ def _crop_offsets(tf: Any, num_samples: Any, mode: str, count: int, seed: Any) -
 
 
 def _until_unreadable(tf: Any, path: Any) -> Any:
-  """The records of one shard file up to the first unreadable one, then "" (records are never
-  empty). Nothing may run asynchronously between the reader and `_shard_reader`'s scan: a saved
-  position past a damaged record must be one whose damage was reported (see `BatchIterator.save`)."""
-  return tf.data.TFRecordDataset(path).ignore_errors().concatenate(
-      tf.data.Dataset.from_tensors(tf.constant("")))
+  """Blocks of `_BLOCK` records of one shard file up to the first unreadable one, then an empty
+  block. The block that ends the file (short or empty) reaches `_shard_reader`'s scan in the very
+  call that met the end, and nothing runs asynchronously in between: so a saved position past a
+  damaged record is one whose damage was reported (see `BatchIterator.save`)."""
+  return tf.data.TFRecordDataset(path).ignore_errors().batch(_BLOCK).concatenate(
+      tf.data.Dataset.from_tensors(tf.constant([], tf.string)))
 
 
 def _placeholders(files: _HostFiles) -> list[bytes]:
@@ -301,7 +303,7 @@ def _shard_reader(tf: Any, files: _HostFiles, skip: bool, damaged: DamagedShards
   """Reads one records shard (beside its units shard) as elements (payload, skipped): payload the
   serialized (example,) or (example, units), skipped 0. A shard that ends before its listed count
   is reported; with `skip` it then yields one marker element: placeholders, skipped = the records
-  lost."""
+  lost. Records are read and checked in blocks (one scan step per block), then unbatched."""
   placeholders = _placeholders(files)
 
   def report(path: bytes, units: bool, read: np.int64, listed: np.int64) -> np.int64:
@@ -316,19 +318,24 @@ def _shard_reader(tf: Any, files: _HostFiles, skip: bool, damaged: DamagedShards
     paths = [records_path] if units_path is None else [records_path, units_path]
     sides = tf.data.Dataset.zip(tuple(_until_unreadable(tf, path) for path in paths))
 
-    def step(count: Any, payload: tuple[Any, ...]) -> tuple[Any, Any]:
-      at_end = tf.reduce_any(tf.stack([tf.equal(tf.strings.length(side), 0) for side in payload]))
-      units = tf.strings.length(payload[0]) > 0  # at the end: the units side ended first
-      lost = tf.cond(at_end & (count < listed), lambda: tf.numpy_function(
-          report, [tf.where(units, paths[-1], paths[0]), units, count, listed], tf.int64,
+    def step(state: tuple[Any, Any], blocks: tuple[Any, ...]) -> tuple[Any, Any]:
+      count, ended = state  # records given so far; whether a side has ended
+      sizes = tf.stack([tf.size(block, tf.int64) for block in blocks])
+      both, side = tf.reduce_min(sizes), tf.argmin(sizes)  # a short block: that side ended
+      # Checked with the block that ends a side, in the call that read it (see _until_unreadable).
+      lost = tf.cond(~ended & (both < _BLOCK) & (count + both < listed), lambda: tf.numpy_function(
+          report, [tf.gather(tf.stack(paths), side), side > 0, count + both, listed], tf.int64,
           stateful=True), lambda: tf.constant(0, tf.int64))
-      if skip:  # a marker: placeholders that parse, and the count of the records lost
-        payload = tuple(tf.where(lost > 0, placeholder, side)
-                        for placeholder, side in zip(placeholders, payload))
-      return count + 1, (payload, tf.reshape(lost, []))
+      lost = tf.reshape(lost, [])
+      markers = tf.cast(lost > 0, tf.int32) if skip else 0  # skip: a marker element after the block
+      payload = tuple(tf.concat([block[:both], tf.fill([markers], placeholder)], 0)
+                      for block, placeholder in zip(blocks, placeholders))
+      state = (count + both, ended | (both < _BLOCK))
+      return state, (payload, tf.concat([tf.zeros([both], tf.int64), tf.fill([markers], lost)], 0))
 
-    elements = sides.scan(tf.constant(0, tf.int64), step)
-    return elements.filter(lambda payload, lost: tf.strings.length(payload[0]) > 0)
+    initial = (tf.constant(0, tf.int64), tf.constant(False))
+    blocks = sides.scan(initial, step)
+    return blocks.filter(lambda payload, lost: tf.size(payload[0]) > 0).unbatch()
 
   return read
 
@@ -376,6 +383,17 @@ def _element(parsed: dict[str, Any], windows: Any, offsets: Any) -> dict[str, An
   return element
 
 
+def _some_record_readable(tf: Any, files: _HostFiles) -> bool:
+  """Whether some shard file of this host (and its units shard) starts with a readable record."""
+  for paths in zip(files.records, *([files.units] if files.units else [])):
+    try:
+      if all(len(list(tf.data.TFRecordDataset(path).take(1))) for path in paths):
+        return True
+    except tf.errors.OpError:
+      continue
+  return False
+
+
 def _carry_skips(tf: Any, dataset: Any) -> Any:
   """Moves the count of each marker element (skipped > 0) onto the next record and drops the
   marker, so every batch counts the damaged records left out before it."""
@@ -399,6 +417,10 @@ def train_windows_dataset(directory: str | os.PathLike, config: PipelineConfig,
   config = config.resolved()
   files = _host_files(directory, config, units_dir, config.train_crop)
   index, count = config.hosts()
+  if config.skip_corrupted and not _some_record_readable(tf, files):  # or epochs spin, empty
+    raise CorruptShardError(f"no shard file of {directory} that this host reads starts with a "
+                            "readable record: nothing to train on, even skipping damaged records; "
+                            f"`hubert-ecg-jax verify {directory}` lists the damaged shards")
 
   def epoch(epoch_index: Any) -> Any:
     epoch_seed = tf.constant(config.seed, tf.int64) * _EPOCH_SEED_STRIDE + epoch_index
