@@ -122,7 +122,8 @@ def _field(number: int, payload: bytes) -> bytes:
   return _varint(number << 3 | 2) + _varint(len(payload)) + payload
 
 
-def _bytes_feature(value: bytes) -> bytes:
+def bytes_feature(value: bytes) -> bytes:
+  """A `tf.train.Feature` holding one bytes value, serialized."""
   return _field(1, _field(1, value))  # Feature.bytes_list: BytesList.value
 
 
@@ -143,15 +144,21 @@ def encode_example(record: StoredRecord) -> bytes:
   (TensorFlow's own serialisation orders the features differently from one process to the next)."""
   signal = np.ascontiguousarray(record.signal, dtype="<f4")
   features = {
-      "signal": _bytes_feature(signal.tobytes()),
+      "signal": bytes_feature(signal.tobytes()),
       "num_samples": _int_feature(signal.shape[1]),
-      "record_id": _bytes_feature(record.record_id.encode()),
-      "source": _bytes_feature(record.source.encode()),
+      "record_id": bytes_feature(record.record_id.encode()),
+      "source": bytes_feature(record.source.encode()),
       "source_fs": _floats_feature([record.source_fs]),
       "labels": _floats_feature(record.labels),
       "age": _floats_feature([record.age]),
       "sex": _int_feature(record.sex),
   }
+  return example_bytes(features)
+
+
+def example_bytes(features: Mapping[str, bytes]) -> bytes:
+  """A serialized `tf.train.Example` of serialized features, in name order (the same bytes in
+  every process)."""
   # Example.features: Features.feature, a map<string, Feature> (entries: key 1, value 2)
   entries = b"".join(_field(1, _field(1, name.encode()) + _field(2, feature))
                      for name, feature in sorted(features.items()))

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from hubert_ecg_jax.data import records as records_lib
-from hubert_ecg_jax.files import atomic_path, read_json, write_json_atomic
+from hubert_ecg_jax.files import read_json, write_json_atomic
 
 UNITS_MANIFEST = "units.json"
 UNITS_FORMAT = "hubert-ecg-jax/units"
@@ -93,23 +93,15 @@ def matched_units(units_dir: str | os.PathLike, records_dir: str | os.PathLike,
 
 def encode_units(record_id: str, units: np.ndarray) -> bytes:
   """One record's units (codebooks, frames) as a serialized `tf.train.Example`."""
-  tf = records_lib.import_tensorflow()
   data = np.ascontiguousarray(units, dtype="<i2").tobytes()
-  feature = {"record_id": tf.train.Feature(bytes_list=tf.train.BytesList(value=[record_id.encode()])),
-             "units": tf.train.Feature(bytes_list=tf.train.BytesList(value=[data]))}
-  return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+  return records_lib.example_bytes({"record_id": records_lib.bytes_feature(record_id.encode()),
+                                    "units": records_lib.bytes_feature(data)})
 
 
 def write_units_shard(path: str | os.PathLike, units: Iterable[tuple[str, np.ndarray]]) -> int:
   """Writes (record id, units (codebooks, frames)) pairs as one units shard, atomically; returns
   how many."""
-  tf = records_lib.import_tensorflow()
-  count = 0
-  with atomic_path(path) as staging, tf.io.TFRecordWriter(str(staging)) as writer:
-    for record_id, record_units in units:
-      writer.write(encode_units(record_id, record_units))
-      count += 1
-  return count
+  return records_lib.write_shard(path, (encode_units(i, u) for i, u in units))
 
 
 def decode_units(serialized: bytes, shape: tuple[int, int]) -> tuple[str, np.ndarray]:
