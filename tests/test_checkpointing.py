@@ -13,6 +13,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from hubert_ecg_jax.config import HubertECGConfig
+from hubert_ecg_jax.data.pipeline import DataPositionMismatch
 from hubert_ecg_jax.model_dir import load_model
 from hubert_ecg_jax.train.checkpointing import (CheckpointManager, DataPosition, abstract_like,
                                                 export_model)
@@ -135,6 +136,21 @@ def test_data_position_of_another_process_count_is_skipped_with_a_warning(tmp_pa
     restored = manager.restore(abstract_like(_state(), state.step.sharding), position)
   _assert_same(restored, state)
   assert restored_into == [] and manager.restored_step == 4
+
+
+def test_data_position_of_another_pipeline_stops_the_resume(tmp_path) -> None:
+  """A position the input pipeline cannot take is not damage: no older checkpoint is tried."""
+  def refuse(path: str) -> None:
+    raise DataPositionMismatch(f"the data position at {path} was saved by another input pipeline")
+
+  state = jax.device_put(_state(), NamedSharding(data_mesh(jax.devices()[:1]), P()))
+  manager = CheckpointManager(tmp_path)
+  for step in (3, 4):
+    manager.save(step, state, DataPosition(Counter(step)))
+  position = DataPosition(SimpleNamespace(save=Counter().save, restore=refuse))
+  with pytest.raises(DataPositionMismatch, match="another input pipeline"):
+    manager.restore(abstract_like(_state(), state.step.sharding), position)
+  assert manager.restored_step is None and manager.steps == [3, 4]
 
 
 def test_bad_settings_and_sources_raise(tmp_path) -> None:

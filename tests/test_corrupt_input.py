@@ -97,6 +97,8 @@ def test_a_damaged_shard_stops_every_reader_with_a_message_naming_it(small, tmp_
   assert "skip_corrupted" not in str(caught.value)
   with pytest.raises(P.CorruptShardError, match=re.escape(expected)):
     read_labels(data / "records")  # fine-tuning reads the training labels first
+  with pytest.raises(P.CorruptShardError, match=re.escape(f"{bad}: unreadable after {read} record")):
+    list(R.iterate_records(data / "records"))  # a fine-tuning fraction copies records one by one
   # A units shard: named, with the command that writes it again.
   bad.write_bytes((small / "records" / bad.name).read_bytes())
   units = data / "units" / U.units_file_name(R.shard_file_name(2, 3))

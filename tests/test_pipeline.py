@@ -87,6 +87,11 @@ def test_restore_mid_epoch_continues_exactly(data, tmp_path, with_units):
   _assert_batches_equal(_take(resumed, 6), expected)
   with pytest.raises(FileNotFoundError, match="no iterator state"):
     resumed.restore(tmp_path / "absent")
+  import tensorflow as tf
+  other = iter(tf.data.Dataset.range(10).batch(2))  # the state of another dataset graph
+  other_prefix = tf.train.Checkpoint(iterator=other).write(str(tmp_path / "other"))
+  with pytest.raises(P.DataPositionMismatch, match="saved by another input pipeline"):
+    resumed.restore(other_prefix)
 
 
 def _host_epoch(directory, host, hosts, num_records):

@@ -16,6 +16,7 @@ from hubert_ecg_jax.config import HubertECGConfig
 from hubert_ecg_jax.config import MODEL_INPUT_LENGTH, NUM_LEADS
 from hubert_ecg_jax.data import records as records_lib
 from hubert_ecg_jax.data import units as units_lib
+from hubert_ecg_jax.data.records import CorruptShardError
 from hubert_ecg_jax.data.online import fast_model_inputs
 from hubert_ecg_jax.data.preprocess import WINDOW_SAMPLES
 from hubert_ecg_jax.train.masking import sample_span_mask
@@ -25,8 +26,8 @@ SKIPPED = "skipped_records"  # batch key with `skip_corrupted`: damaged records 
 _BLOCK = 8  # records a shard's reader reads per step
 
 
-class CorruptShardError(ValueError):
-  """A shard file that cannot be read to the end the manifest lists (damaged or cut short)."""
+class DataPositionMismatch(ValueError):
+  """A saved iterator state of another input pipeline (other version, settings or data layout)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,7 +204,14 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
         raise CorruptShardError(note.read())
     if not tf.io.gfile.exists(f"{path}.index"):
       raise FileNotFoundError(f"no iterator state at {path} (expected {path}.index)")
-    tf.train.Checkpoint(iterator=self._iterator).read(str(path)).assert_consumed()
+    try:
+      tf.train.Checkpoint(iterator=self._iterator).read(str(path)).assert_consumed()
+    except tf.errors.NotFoundError as error:  # TF's words for a state of another dataset graph
+      raise DataPositionMismatch(
+          f"the data position at {path} was saved by another input pipeline (an earlier version "
+          "of hubert-ecg-jax, or other data settings such as units or crops), so this run cannot "
+          "continue its stream. Resume with the version and settings that saved it, or train in a "
+          f"new run directory. TensorFlow said: {error.message.splitlines()[0]}") from None
 
 
 @dataclasses.dataclass(frozen=True)

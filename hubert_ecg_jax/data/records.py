@@ -289,10 +289,22 @@ def shard_paths(directory: str | os.PathLike, manifest: RecordsManifest | None =
   return paths
 
 
+class CorruptShardError(ValueError):
+  """A shard file that cannot be read to the end the manifest lists (damaged or cut short)."""
+
+
 def iterate_shard(path: str | os.PathLike) -> Iterator[bytes]:
-  """Serialized examples of one shard file, in order."""
+  """Serialized examples of one shard file, in order; a damaged one raises `CorruptShardError`."""
   tf = import_tensorflow()
-  yield from tf.data.TFRecordDataset(str(path)).as_numpy_iterator()
+  read = 0
+  try:
+    for serialized in tf.data.TFRecordDataset(str(path)).as_numpy_iterator():
+      yield serialized
+      read += 1
+  except tf.errors.DataLossError as error:
+    raise CorruptShardError(f"{path}: unreadable after {read} record(s), the shard is damaged or cut "
+                            f"short ({error.message.splitlines()[0]}); `hubert-ecg-jax verify` "
+                            "checks a whole directory") from None
 
 
 def iterate_records(directory: str | os.PathLike) -> Iterator[StoredRecord]:

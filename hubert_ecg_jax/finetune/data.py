@@ -142,7 +142,8 @@ def materialise_split_csv(csv_path: str | os.PathLike, records_dir: str | os.Pat
 
   tasks = [(source, settings) for source in sources]
   if workers > 1 and len(sources) > 1:
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+    with multiprocessing.get_context("spawn").Pool(
+        workers, initializer=ingest.limit_worker_threads) as pool:
       records_lib.write_records(directory, prepared(pool.imap(ingest.prepare_task, tasks, chunksize=4)),
                                 label_names, job=job, failures=failures)
   else:

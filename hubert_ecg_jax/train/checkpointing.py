@@ -18,6 +18,7 @@ from jax.sharding import Sharding
 from orbax.checkpoint import v1 as ocp
 
 from hubert_ecg_jax.config import HubertECGConfig
+from hubert_ecg_jax.data.pipeline import DataPositionMismatch
 from hubert_ecg_jax.model_dir import PARAMS_DIR, save_model, write_config_and_metadata
 from hubert_ecg_jax.parallel import host_copy
 
@@ -61,6 +62,8 @@ class DataPosition:
                        f"methods, found {type(source).__name__}")
     self._save, self._restore = source.save, source.restore
     self.step: int | None = None  # the step being saved, set by `CheckpointManager.save`
+    # The source refused the saved position as another pipeline's (Orbax hides why a load failed).
+    self.mismatch: DataPositionMismatch | None = None
 
   @staticmethod
   def _name() -> str:
@@ -92,7 +95,11 @@ class DataPosition:
       if not path.parent.is_dir():
         raise FileNotFoundError(f"no data position for process {jax.process_index()} in "
                                 f"{directory}: was the run saved with fewer processes?")
-      self._restore(str(path))
+      try:
+        self._restore(str(path))
+      except DataPositionMismatch as error:
+        self.mismatch = error
+        raise
 
     return finish()
 
@@ -194,6 +201,8 @@ class CheckpointManager:
       try:
         restored = self._checkpointer.load_checkpointables(candidate, items)
       except Exception as error:
+        if DATA in items and data_position.mismatch is not None:
+          raise data_position.mismatch from None  # not damage: older checkpoints hold the same kind
         if step is not None:
           raise
         failures.append(f"step {candidate}: {type(error).__name__}: {error}")
