@@ -271,7 +271,7 @@ def test_bf16_inference_places_the_kernels_cast_at_load(tmp_path):
   params = HubertECG(config, pretraining_heads=False).init({"params": jax.random.key(0)}, x[:1])["params"]
   save_model(tmp_path / "model", config, params)
   bf16_config, cast = load_backbone(tmp_path / "model", "bfloat16")
-  runner = BatchRunner(embedding_fn(bf16_config), batch_size=8)
+  runner = BatchRunner(embedding_fn(bf16_config), batch_size=4, devices=jax.devices()[:1])
   placed = runner.place_params(cast)
   for path, leaf in jax.tree_util.tree_leaves_with_path(placed):
     kernel = jax.tree_util.keystr(path).endswith("['kernel']")

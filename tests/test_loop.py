@@ -214,8 +214,8 @@ def test_prefetch_changes_no_number_mesh(trainer, straight_run, tmp_path) -> Non
   same state, bit for bit."""
   pretrainer, lines = trainer
   engine = pretrainer.engine
-  pretrainer.engine = Engine(pretrainer.launcher, dataclasses.replace(pretrainer.loop,
-                                                                      device_prefetch=0), lines.append)
+  without = dataclasses.replace(pretrainer.loop, device_prefetch=0)
+  pretrainer.engine = Engine(pretrainer.launcher, without, lines.append)
   try:
     assert pretrainer.run(tmp_path, ToyBatches(), _validation).step == TOTAL_STEPS
   finally:
@@ -224,26 +224,29 @@ def test_prefetch_changes_no_number_mesh(trainer, straight_run, tmp_path) -> Non
 
 
 def test_prefetch_and_exact_resume_pmap(trainer, tmp_path) -> None:
-  """pmap launcher, 12 steps, a checkpoint every 5: prefetch 0 straight == prefetch 3 stopped by
-  SIGTERM while batch 7 is placed, resumed, bit for bit."""
+  """pmap launcher, 8 steps, a checkpoint every 4: prefetch 0 straight == prefetch 2 stopped by
+  SIGTERM while batch 5 is placed, resumed, bit for bit."""
   config = trainer[0].model_config
-  optimizer = OptimizerConfig(total_steps=12, learning_rate=1e-2, grad_clip_norm=1.0)
+  optimizer = OptimizerConfig(total_steps=8, learning_rate=1e-2, grad_clip_norm=1.0)
+  loop = LoopConfig(total_steps=8, log_every=4, val_every=None, checkpoint_every=4, progress=False,
+                    launcher="pmap")
   lines: list[str] = []
+  pretrainer = Pretrainer(config, optimizer, loop, devices=jax.devices(), print_fn=lines.append)
 
   def run(workdir: pathlib.Path, prefetch: int, batches: ToyBatches):
-    loop = LoopConfig(total_steps=12, log_every=5, val_every=None, checkpoint_every=5,
-                      progress=False, launcher="pmap", device_prefetch=prefetch)
-    pretrainer = Pretrainer(config, optimizer, loop, devices=jax.devices(), print_fn=lines.append)
-    return pretrainer, pretrainer.run(workdir, batches)
+    # The same launcher (one compilation), another engine schedule.
+    pretrainer.engine = Engine(pretrainer.launcher,
+                               dataclasses.replace(loop, device_prefetch=prefetch), lines.append)
+    return pretrainer.run(workdir, batches)
 
-  pretrainer, straight = run(tmp_path / "straight", 0, ToyBatches())
-  _, stopped = run(tmp_path / "stopped", 3, ToyBatches(stop_at=7))
-  # Step 6 dispatched, batches 6-8 are placed (the signal comes with 7); they are trained, then
-  # checkpointed with the position after batch 8.
-  assert stopped.stop_reason == "SIGTERM" and stopped.step == 9
-  assert json.loads((tmp_path / "stopped/checkpoints/9/data/process_0/position").read_text()) == 9
-  _, resumed = run(tmp_path / "stopped", 3, ToyBatches())
-  assert straight.step == resumed.step == 12
+  straight = run(tmp_path / "straight", 0, ToyBatches())
+  stopped = run(tmp_path / "stopped", 2, ToyBatches(stop_at=5))
+  # Step 5 dispatched, batches 5 and 6 are placed (the signal comes with 5); they are trained, then
+  # checkpointed with the position after batch 6.
+  assert stopped.stop_reason == "SIGTERM" and stopped.step == 7
+  assert json.loads((tmp_path / "stopped/checkpoints/7/data/process_0/position").read_text()) == 7
+  resumed = run(tmp_path / "stopped", 2, ToyBatches())
+  assert straight.step == resumed.step == 8
   _assert_same_final_state(pretrainer, tmp_path / "stopped", tmp_path / "straight")
 
 

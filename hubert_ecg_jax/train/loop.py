@@ -260,7 +260,7 @@ def _pretrain(config: ConfigDict, workdir: str | pathlib.Path) -> TrainResult:
   if d.batch_size % processes:
     raise ValueError(f"data.batch_size {d.batch_size} does not split over {processes} processes")
   local_batch = d.batch_size // processes
-  micro_batch_count(d.batch_size, jax.device_count(), t.per_device_batch)  # refuses before the build
+  micro_batch_count(d.batch_size, jax.device_count(), t.per_device_batch)  # refuses up front
   optimizer_config = OptimizerConfig(total_steps=t.total_steps, **o)
   loop_config = LoopConfig(**t, eval_batch_size=local_batch)
   pipeline = PipelineConfig(batch_size=local_batch, seed=d.seed, train_crop="first", eval_crop="first",
