@@ -208,7 +208,10 @@ def pretraining_config(size: str, iteration: int | str | None = None) -> ConfigD
   config.train = ConfigDict(dict(
       total_steps=steps,
       alpha=1.0,  # masked-frame weight of the loss (1: masked frames only, as the original)
-      micro_batches=1,
+      # Examples a device runs at once: None, its whole share of batch_size; smaller, the share
+      # is run in share / per_device_batch micro-batches with one update (gradient accumulation).
+      per_device_batch=placeholder(int),
+      device_prefetch=2,  # batches placed on the devices ahead of the running step (0: none)
       launcher="mesh",  # "mesh" (jit + shard_map) or "pmap"
       seed=42,
       log_every=100,

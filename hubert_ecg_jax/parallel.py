@@ -3,11 +3,12 @@
 More in docs/modules.md."""
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
 import os
 from collections.abc import Iterator
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Generic, Sequence, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +20,7 @@ from hubert_ecg_jax.run_lock import DirectoryHeldError, hold_directory
 
 AXIS = "data"
 LAUNCHERS = ("mesh", "pmap")
+Placed = TypeVar("Placed")
 
 
 def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -65,6 +67,46 @@ def hold_run_directory(workdir: str | os.PathLike) -> Iterator[None]:
     if refusal is not None:
       raise refusal
     yield
+
+
+class DevicePrefetch(Generic[Placed]):
+  """Host items placed on the devices ahead of the step that takes them (double buffering).
+
+  `place(item)` starts the host-to-device copies (`jax.device_put` and
+  `make_array_from_process_local_data` return before the copies finish), so a `fill` right after a
+  step is dispatched overlaps the next batches' transfers with that step. `ahead` 0: each item is
+  pulled and placed only when `next` asks for it. Items leave the iterator when placed, not when
+  taken: `pending` says how many were pulled but not yet taken.
+  """
+
+  def __init__(self, items: Iterator[Any], place: Callable[[Any], Placed], ahead: int):
+    if ahead < 0:
+      raise ValueError(f"the number of batches placed ahead must be >= 0, found {ahead}")
+    self._items, self._place, self.ahead = items, place, ahead
+    self._queue: collections.deque[Placed] = collections.deque()
+    self._exhausted = False
+
+  @property
+  def pending(self) -> int:
+    return len(self._queue)
+
+  def fill(self, room: int) -> None:
+    """Places items until `min(ahead, room)` wait; `room` bounds how far the iterator may run ahead
+    (e.g. not past the next checkpoint, whose data position must be that of the steps taken)."""
+    while not self._exhausted and len(self._queue) < min(self.ahead, room):
+      try:
+        item = next(self._items)
+      except StopIteration:
+        self._exhausted = True  # raised again by `next` once the placed items are taken
+        return
+      self._queue.append(self._place(item))
+
+  def __next__(self) -> Placed:
+    if self._queue:
+      return self._queue.popleft()
+    if self._exhausted:
+      raise StopIteration
+    return self._place(next(self._items))
 
 
 class _DataParallel:

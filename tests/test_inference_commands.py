@@ -17,9 +17,10 @@ from hubert_ecg_jax.classifier import masked_mean
 from hubert_ecg_jax.config import HubertECGConfig
 from hubert_ecg_jax.data.preprocess import prepare_record, crop_window, model_input
 from hubert_ecg_jax.data.readers import read_record
-from hubert_ecg_jax.inference import load_classifier
+from hubert_ecg_jax.inference import embedding_fn, load_backbone, load_classifier
 from hubert_ecg_jax.model import HubertECG
 from hubert_ecg_jax.model_dir import load_model, save_model
+from hubert_ecg_jax.parallel import BatchRunner
 
 SPLITS = {0: "val", 1: "test"}  # record index % 5 -> split; the rest train
 
@@ -260,3 +261,20 @@ def test_evaluate_reads_the_original_split_csv(run, sample_data_dir):
   by_dir = json.loads((direct / "metrics.json").read_text())["evaluation"]["metrics"]["per_label"]["auroc"]
   by_csv = from_csv["evaluation"]["metrics"]["per_label"]["auroc"]
   assert by_csv[:4] == by_dir[:4]
+
+
+def test_bf16_inference_places_the_kernels_cast_at_load(tmp_path):
+  """`--compute-dtype bfloat16`: the loaded backbone's kernels are bf16 when the runner places them
+  (norms, biases and the weight norm stay float32); embeddings equal the per-call-cast path's."""
+  config = HubertECGConfig.preset("tiny", conv_dim=(64,) * 5)
+  x = np.random.default_rng(0).uniform(-1, 1, (4, 6000)).astype(np.float32)
+  params = HubertECG(config, pretraining_heads=False).init({"params": jax.random.key(0)}, x[:1])["params"]
+  save_model(tmp_path / "model", config, params)
+  bf16_config, cast = load_backbone(tmp_path / "model", "bfloat16")
+  runner = BatchRunner(embedding_fn(bf16_config), batch_size=4, devices=jax.devices()[:1])
+  placed = runner.place_params(cast)
+  for path, leaf in jax.tree_util.tree_leaves_with_path(placed):
+    kernel = jax.tree_util.keystr(path).endswith("['kernel']")
+    assert leaf.dtype == (jnp.bfloat16 if kernel else jnp.float32), jax.tree_util.keystr(path)
+  mask = np.ones_like(x, np.int32)
+  np.testing.assert_array_equal(runner(cast, x, mask), runner(params, x, mask))  # float32 params

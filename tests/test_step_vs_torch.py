@@ -75,14 +75,15 @@ def torch_side(batch):
   return reference, loss.item(), gradients
 
 
-@pytest.mark.parametrize("devices, micro_batches", [(1, 1), (4, 2)])
-def test_step_loss_and_every_gradient_match_torch(batch, torch_side, devices, micro_batches):
+# 4 devices x 2 micro-batches of 2 (a share of 4 each)
+@pytest.mark.parametrize("devices, per_device_batch", [(1, None), (4, 2)])
+def test_step_loss_and_every_gradient_match_torch(batch, torch_side, devices, per_device_batch):
   reference, torch_loss, torch_gradients = torch_side
   params, _ = params_from_state_dict(CONFIG, reference.state_dict_like_original())
   model = HubertECG(CONFIG)
   optimizer = keep_gradients()
-  launcher = MeshLauncher(make_train_step(model, optimizer, alpha=ALPHA, micro_batches=micro_batches),
-                          make_eval_step(model), jax.devices()[:devices])
+  step = make_train_step(model, optimizer, alpha=ALPHA, per_device_batch=per_device_batch)
+  launcher = MeshLauncher(step, make_eval_step(model), jax.devices()[:devices])
   state = launcher.place_state(create_train_state(params, optimizer, jax.random.PRNGKey(0)))
   state, metrics = launcher.train_step(state, launcher.place_batch(batch))
   assert abs(float(launcher.to_host(metrics)["loss"]) - torch_loss) <= 1e-5 * abs(torch_loss)

@@ -1,4 +1,4 @@
-"""The per-device train step: 1 device == pmap over 8 == shard_map over 8 == 4 micro-batches."""
+"""The per-device train step: 1 device == pmap over 8 == shard_map over 8 == micro-batches."""
 from __future__ import annotations
 
 import jax
@@ -43,10 +43,10 @@ def setup():
   return config, optimizer_config, optimizer, state
 
 
-def _run(setup, kind: str, devices, micro_batches: int, batches):
+def _run(setup, kind: str, devices, per_device_batch: int | None, batches):
   config, optimizer_config, optimizer, state = setup
   model = HubertECG(config)
-  train_step = make_train_step(model, optimizer, micro_batches=micro_batches,
+  train_step = make_train_step(model, optimizer, per_device_batch=per_device_batch,
                                learning_rate=optimizer_config.schedule())
   launcher = make_launcher(kind, train_step, make_eval_step(model), devices)
   state = launcher.place_state(state)
@@ -59,15 +59,17 @@ def _run(setup, kind: str, devices, micro_batches: int, batches):
 
 @pytest.fixture(scope="module")
 def single_device(setup):
-  return _run(setup, "mesh", jax.devices()[:1], 1, [_batch(i) for i in range(3)])
+  return _run(setup, "mesh", jax.devices()[:1], None, [_batch(i) for i in range(3)])
 
 
-@pytest.mark.parametrize("kind,devices,micro_batches", [
-    ("mesh", 8, 1), ("pmap", 8, 1), ("mesh", 1, 4)], ids=["shard_map-8", "pmap-8", "accumulate-4"])
+# per_device_batch 1: each of 8 devices runs its share of 2 as 2 micro-batches of 1.
+@pytest.mark.parametrize("kind,devices,per_device_batch", [
+    ("mesh", 8, None), ("pmap", 8, None), ("mesh", 8, 1)],
+    ids=["shard_map-8", "pmap-8", "shard_map-8-accumulate-2"])
 def test_same_params_as_one_device(setup, single_device, kind: str, devices: int,
-                                   micro_batches: int) -> None:
+                                   per_device_batch: int | None) -> None:
   _, reference, reference_history = single_device
-  _, state, history = _run(setup, kind, jax.devices()[:devices], micro_batches,
+  _, state, history = _run(setup, kind, jax.devices()[:devices], per_device_batch,
                            [_batch(i) for i in range(3)])
   for ours, theirs in zip(jax.tree.leaves(state.params), jax.tree.leaves(reference.params)):
     np.testing.assert_allclose(ours, theirs, atol=1e-5, rtol=0)
@@ -129,11 +131,13 @@ def test_dropout_keys_differ_per_device_and_step() -> None:
   assert len({tuple(k) for k in np.concatenate([step_3, step_4])}) == 16
 
 
-def test_micro_batches_must_divide_the_device_batch(setup) -> None:
+def test_per_device_batch_must_divide_the_device_batch(setup) -> None:
   config, _, optimizer, state = setup
-  launcher = make_launcher("mesh", make_train_step(HubertECG(config), optimizer, micro_batches=3),
+  launcher = make_launcher("mesh", make_train_step(HubertECG(config), optimizer, per_device_batch=3),
                            make_eval_step(HubertECG(config)), jax.devices()[:1])
-  with pytest.raises(ValueError, match="does not split into 3 micro-batches"):
+  with pytest.raises(ValueError, match=r"a batch of 8 over 1 device\(s\) does not split into "
+                                       r"micro-batches of per_device_batch=3: expected a multiple "
+                                       r"of devices x per_device_batch = 3, found 8"):
     launcher.train_step(launcher.place_state(state), launcher.place_batch(_batch(0, batch=8)))
 
 

@@ -40,48 +40,60 @@ def benchmark_batch(config: HubertECGConfig, batch: int, seed: int = 0) -> dict[
           "mask_time_indices": sample_span_mask(rng, batch, frames)}
 
 
-def _jax_step(config: HubertECGConfig, params: Any, batch: dict[str, np.ndarray]) -> Callable[[], None]:
-  """One jitted train step on one device, state donated and carried from call to call."""
+def jax_train_step(config: HubertECGConfig, params: Any, batch: dict[str, np.ndarray]
+                   ) -> tuple[Callable[[], None], Any]:
+  """Our train step on one device, compiled ahead: (a call running one step, the state donated
+  and carried from call to call; the executable, for its memory analysis)."""
   model = HubertECG(config)
   optimizer = make_optimizer(OPTIMIZER)
   launcher = MeshLauncher(make_train_step(model, optimizer), make_eval_step(model),
                           jax.devices()[:1])
   state = launcher.place_state(create_train_state(params, optimizer, jax.random.PRNGKey(1)))
   placed = launcher.place_batch(batch)
+  compiled = jax.jit(launcher.train_step, donate_argnums=0).lower(state, placed).compile()
 
   def step() -> None:
     nonlocal state
-    state, metrics = launcher.train_step(state, placed)
+    state, metrics = compiled(state, placed)
     jax.block_until_ready((state, metrics))
 
-  return step
+  return step, compiled
 
 
-def _torch_step(config: HubertECGConfig, params: Any, batch: dict[str, np.ndarray]) -> Callable[[], None]:
-  """The original's step: HubertModel (sdpa attention) + heads, masked CE, torch AdamW."""
+def torch_train_step(config: HubertECGConfig, params: Any | None, batch: dict[str, np.ndarray],
+                     bf16: bool = False) -> Callable[[], None]:
+  """The original's step: HubertModel (sdpa attention) + heads, masked CE, torch AdamW, on the GPU
+  when there is one. params: flax params as numpy (None: torch's own initialisation); bf16: the
+  forward under bf16 autocast (PyTorch at its strongest on accelerators)."""
   import torch
   import torch.nn.functional as F
 
   from hubert_ecg_jax.devtools.torch_reference import TorchHubertECG
 
+  device = "cuda" if torch.cuda.is_available() else "cpu"
   model = TorchHubertECG(config, attn_implementation="sdpa")
-  model.load_flax_params(jax.tree.map(np.asarray, params))
-  model.train()
+  if params is not None:
+    model.load_flax_params(params)
+  model.to(device).train()
   optimizer = torch.optim.AdamW(model.parameters(), lr=OPTIMIZER.learning_rate,
                                 betas=(OPTIMIZER.b1, OPTIMIZER.b2), eps=OPTIMIZER.eps,
                                 weight_decay=OPTIMIZER.weight_decay)
-  x = torch.from_numpy(batch["x"])
-  attention_mask = torch.from_numpy(batch["attention_mask"]).long()
-  masked = torch.from_numpy(batch["mask_time_indices"])
-  targets = torch.from_numpy(batch["targets"]).long()
+  data = {name: torch.from_numpy(value).to(device) for name, value in batch.items()}
+  masked, targets = data["mask_time_indices"], data["targets"].long()
+  autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=bf16)
+  sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
   def step() -> None:
     optimizer.zero_grad(set_to_none=True)
-    out = model.hubert(x, attention_mask=attention_mask, mask_time_indices=masked)
-    logits = model.logits(out.last_hidden_state)
-    loss = sum(F.cross_entropy(l[masked], targets[:, i][masked]) for i, l in enumerate(logits))
+    with autocast:
+      out = model.hubert(data["x"], attention_mask=data["attention_mask"].long(),
+                         mask_time_indices=masked)
+      logits = model.logits(out.last_hidden_state)
+      loss = sum(F.cross_entropy(l[masked].float(), targets[:, i][masked])  # float32 loss
+                 for i, l in enumerate(logits))
     loss.backward()
     optimizer.step()
+    sync()
 
   return step
 
@@ -93,9 +105,9 @@ def run_train_benchmark(size: str = "base", batch: int = 8, repeats: int = 5,
   data = benchmark_batch(config, batch)
   params = init_params(config, jax.random.PRNGKey(0))
   candidates: dict[str, Callable[[], float]] = {
-      name: (lambda step=_jax_step(step_config, params, data): time_call(step))
+      name: (lambda step=jax_train_step(step_config, params, data)[0]: time_call(step))
       for name, step_config in (("jax_fp32", config),
                                 ("jax_bf16", config.replace(compute_dtype="bfloat16")))}
-  torch_side = (_torch_step, config, jax.tree.map(np.asarray, params), data)  # own process
+  torch_side = (torch_train_step, config, jax.tree.map(np.asarray, params), data)  # own process
   return measure(candidates, torch_side if with_torch else None, repeats,
                  train_step_flops(config), {"size": size, "batch": batch})

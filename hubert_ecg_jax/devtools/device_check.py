@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import itertools
 import json
 import os
 import pathlib
@@ -30,11 +31,12 @@ import numpy as np
 
 from hubert_ecg_jax.config import MODEL_INPUT_LENGTH, HubertECGConfig
 from hubert_ecg_jax.devtools.bench_forward import interleaved_medians, time_call
-from hubert_ecg_jax.devtools.bench_train import OPTIMIZER, benchmark_batch
+from hubert_ecg_jax.devtools.bench_train import (OPTIMIZER, benchmark_batch, jax_train_step,
+                                                  torch_train_step)
 from hubert_ecg_jax.devtools.flops import forward_flops, peak_flops, train_step_flops
 from hubert_ecg_jax.inference import strip_pretraining_heads
 from hubert_ecg_jax.model import HubertECG
-from hubert_ecg_jax.parallel import MeshLauncher
+from hubert_ecg_jax.parallel import DevicePrefetch, MeshLauncher
 from hubert_ecg_jax.train.checkpointing import CheckpointManager, abstract_like
 from hubert_ecg_jax.train.masking import sample_span_mask
 from hubert_ecg_jax.train.optimizer import make_optimizer
@@ -170,19 +172,7 @@ def _jax_runner(entry: SweepEntry) -> tuple[Callable[[], Any], Any, int]:
     args = (jax.device_put(strip_pretraining_heads(params)), jax.device_put(data["x"]))
     compiled = forward.lower(*args).compile()
     return (lambda: compiled(*args).block_until_ready()), compiled, forward_flops(config, with_logits=False)
-  model = HubertECG(config)
-  optimizer = make_optimizer(OPTIMIZER)
-  launcher = MeshLauncher(make_train_step(model, optimizer), make_eval_step(model), jax.devices()[:1])
-  state = launcher.place_state(create_train_state(params, optimizer, jax.random.PRNGKey(1)))
-  batch = launcher.place_batch(data)
-  step = jax.jit(launcher.train_step, donate_argnums=0)
-  compiled = step.lower(state, batch).compile()
-
-  def run() -> None:
-    nonlocal state
-    state, metrics = compiled(state, batch)
-    jax.block_until_ready(metrics)
-
+  run, compiled = jax_train_step(config, params, data)
   return run, compiled, train_step_flops(config)
 
 
@@ -196,41 +186,23 @@ def _executable_bytes(compiled: Any) -> int | None:
 
 def _torch_runner(entry: SweepEntry) -> Callable[[], Any]:
   """transformers' HubertModel + heads on the device: SDPA, bf16 autocast for bf16 entries."""
+  config = HubertECGConfig.preset(entry.size, layerdrop=0.0)
+  batch = benchmark_batch(config, entry.batch)
+  if entry.mode == "train":
+    return torch_train_step(config, None, batch, bf16=entry.dtype == "bf16")
   import torch
-  import torch.nn.functional as F
 
   from hubert_ecg_jax.devtools.torch_reference import TorchHubertECG
 
   device = "cuda" if torch.cuda.is_available() else "cpu"
-  config = HubertECGConfig.preset(entry.size, layerdrop=0.0)
-  data = {k: torch.from_numpy(v).to(device) for k, v in benchmark_batch(config, entry.batch).items()}
-  model = TorchHubertECG(config, attn_implementation="sdpa").to(device)
+  model = TorchHubertECG(config, attn_implementation="sdpa").to(device).eval()
+  x = torch.from_numpy(batch["x"]).to(device)
   autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=entry.dtype == "bf16")
   sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-  if entry.mode == "forward":
-    model.eval()
-
-    def run() -> None:
-      with torch.inference_mode(), autocast:
-        model.hubert(data["x"])
-      sync()
-    return run
-  model.train()
-  optimizer = torch.optim.AdamW(model.parameters(), lr=OPTIMIZER.learning_rate,
-                                betas=(OPTIMIZER.b1, OPTIMIZER.b2), eps=OPTIMIZER.eps,
-                                weight_decay=OPTIMIZER.weight_decay)
-  masked, targets = data["mask_time_indices"], data["targets"].long()
 
   def run() -> None:
-    optimizer.zero_grad(set_to_none=True)
-    with autocast:
-      out = model.hubert(data["x"], attention_mask=data["attention_mask"].long(),
-                         mask_time_indices=masked)
-      logits = model.logits(out.last_hidden_state)
-      loss = sum(F.cross_entropy(l[masked].float(), targets[:, i][masked])
-                 for i, l in enumerate(logits))
-    loss.backward()
-    optimizer.step()
+    with torch.inference_mode(), autocast:
+      model.hubert(x)
     sync()
   return run
 
@@ -297,21 +269,27 @@ def pretraining_run(size: str, batch: int, steps: int) -> dict[str, Any]:
   batches = [learnable_batch(config, batch, rng) for _ in range(8)]
   frames = config.num_frames(MODEL_INPUT_LENGTH)
 
-  def placed(index: int) -> dict[str, jax.Array]:
+  def host_batch(index: int) -> dict[str, np.ndarray]:
     data = dict(batches[index % len(batches)])
     data["mask_time_indices"] = sample_span_mask(rng, batch, frames)
-    return launcher.place_batch(data)
+    return data
 
+  # As the training engine feeds its steps: the next batches' copies overlap the running step.
+  feed = DevicePrefetch(map(host_batch, itertools.count()), launcher.place_batch, ahead=2)
   state = launcher.place_state(create_train_state(init_params(config, jax.random.PRNGKey(0)),
                                                   optimizer, jax.random.PRNGKey(1)))
-  losses, started = [], None
+  losses, started = [], time.perf_counter()
   for step in range(steps):
-    if step == 1:
+    state, metrics = launcher.train_step(state, next(feed))
+    feed.fill(steps - step)  # up to the batch of the round trip's step, not past it
+    if step == 0:
+      jax.block_until_ready(metrics)
       started = time.perf_counter()  # after the compiling step
-    state, metrics = launcher.train_step(state, placed(step))
-    losses.append(float(launcher.to_host(metrics)["loss"]))
+    losses.append(metrics["loss"])
+  jax.block_until_ready(state)
   seconds = time.perf_counter() - started
-  next_batch = placed(steps)
+  losses = [float(loss) for loss in launcher.to_host(losses)]
+  next_batch = next(feed)
   with tempfile.TemporaryDirectory() as directory:
     manager = CheckpointManager(pathlib.Path(directory) / "checkpoints")
     saved = launcher.checkpoint_view(state)

@@ -7,7 +7,7 @@ import pathlib
 import signal
 import threading
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 import jax
 import numpy as np
@@ -15,7 +15,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from hubert_ecg_jax.data.pipeline import SKIPPED
-from hubert_ecg_jax.parallel import Launcher, host_copy
+from hubert_ecg_jax.parallel import DevicePrefetch, Launcher, host_copy
 from hubert_ecg_jax.progress import progress_bar
 from hubert_ecg_jax.train.checkpointing import CheckpointManager, DataPosition, abstract_like
 from hubert_ecg_jax.train.logging import MetricsWriter
@@ -33,12 +33,15 @@ class RunConfig:
   keep_best: int = 1  # checkpoints kept for the lowest validation loss
   max_nonfinite_streak: int = 10
   progress: bool = True
+  device_prefetch: int = 2  # batches placed on the devices ahead of the running step (0: none)
 
   def __post_init__(self) -> None:
     for name in ("total_steps", "log_every", "max_nonfinite_streak", "val_every",
                  "checkpoint_every"):
       if getattr(self, name) is not None and getattr(self, name) < 1:
         raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+    if self.device_prefetch < 0:
+      raise ValueError(f"device_prefetch must be >= 0, got {self.device_prefetch}")
 
 
 @dataclasses.dataclass
@@ -48,6 +51,13 @@ class Outcome:
   metrics: dict[str, float]  # the last train metrics fetched
   val_loss: float | None  # the last validation loss
   exported: Any  # what `job.export` returned (when the run finished)
+
+
+class _StepInput(NamedTuple):
+  """One step's batch, placed on the devices, and what the engine logs of it."""
+  batch: Any  # the launcher's placed arrays
+  size: int  # this process's batch size
+  skipped: int | None  # damaged records left out before it (when the batches tell)
 
 
 class Job:
@@ -162,6 +172,18 @@ class Engine:
     self.print(f"resumed from step {manager.restored_step} in {manager.directory}")
     return self.launcher.place_state(saved)
 
+  def _place(self, job: Job, item: dict[str, np.ndarray]) -> _StepInput:
+    batch = job.batch(item)
+    skipped = int(item[SKIPPED]) if SKIPPED in item else None
+    return _StepInput(self.launcher.place_batch(batch), batch["x"].shape[0], skipped)
+
+  def _next_save(self, job: Job, step: int) -> int:
+    """The first step >= `step` whose checkpoint is scheduled (a validation, `checkpoint_every`, the
+    end): batches for steps past it are not pulled before it is saved."""
+    loop = self.config
+    every = [n for n in (loop.checkpoint_every, loop.val_every if job.validates else None) if n]
+    return min([loop.total_steps] + [-(-step // n) * n for n in every])
+
   def _run(self, workdir: pathlib.Path, job: Job, batches: Iterator[dict[str, np.ndarray]],
            position: DataPosition | None, manager: CheckpointManager,
            writer: MetricsWriter) -> Outcome:
@@ -176,32 +198,40 @@ class Engine:
     metrics: dict[str, float] = {}
     val_loss = None
     stop_reason = job.stop_reason() or "finished"
+    stopping = False  # a stop signal or non-finite steps: train the placed batches, then checkpoint
     previous = None
     first_step = step
     timer_step, timer_start = step, time.perf_counter()
     bar = progress_bar(total=loop.total_steps, initial=step, unit="step", dynamic_ncols=True,
                disable=not loop.progress or jax.process_index() != 0)
+    feed = DevicePrefetch(batches, lambda item: self._place(job, item), loop.device_prefetch)
 
     def checkpoint(with_val_loss: float | None = None) -> None:
+      # Placed batches are never pending here (`_next_save`, the drain when stopping): the data
+      # position is that of the batches the steps took.
       check_damage()  # no checkpoint holds a data position past a damaged shard
       tree = self._with_extra(job, launcher.checkpoint_view(state))
       manager.save(step, tree, position, with_val_loss)
 
     with StopSignals() as signals, bar:
       while step < loop.total_steps:
-        if job.stop_reason():
-          stop_reason = job.stop_reason()
+        if not stopping:
+          if job.stop_reason():
+            stop_reason = job.stop_reason()
+            break  # no checkpoint follows: the placed batches are dropped
+          if signals.any_process():
+            stop_reason = signals.received or "SIGTERM"  # another process got it
+            stopping = True
+        if stopping and not feed.pending:
           break
-        if signals.any_process():
-          stop_reason = signals.received or "SIGTERM"  # another process got it
-          break
-        item = next(batches)
-        if SKIPPED in item:
-          skipped = (skipped or 0) + int(item[SKIPPED])
-        batch = job.batch(item)
-        global_batch = batch["x"].shape[0] * jax.process_count()
-        state, step_metrics = launcher.train_step(state, launcher.place_batch(batch))
+        taken = next(feed)
+        if taken.skipped is not None:
+          skipped = (skipped or 0) + taken.skipped
+        global_batch = taken.size * jax.process_count()
+        state, step_metrics = launcher.train_step(state, taken.batch)
         step += 1
+        if not stopping:  # the next batches' copies overlap this step
+          feed.fill(self._next_save(job, step) - step)
         bar.update(1)
         # The previous step's streak is ready (or nearly): reading it keeps the devices busy.
         streak = 0 if previous is None else int(launcher.to_host(previous["nonfinite_streak"]))
@@ -219,9 +249,9 @@ class Engine:
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", ecg_per_s=f"{metrics['ecg_per_s']:.1f}")
           writer.write(step, metrics, "train")
           streak = int(metrics["nonfinite_streak"])
-        if streak >= loop.max_nonfinite_streak:
-          stop_reason = "nonfinite"
-          break
+        if streak >= loop.max_nonfinite_streak and not stopping:
+          stop_reason, stopping = "nonfinite", True
+          continue
         at_end = step == loop.total_steps
         if job.validates and (at_end or (loop.val_every and step % loop.val_every == 0)):
           val_metrics, val_loss = job.validate(state, step)

@@ -25,7 +25,7 @@ from hubert_ecg_jax.train.objectives import validation_metrics
 from hubert_ecg_jax.train.optimizer import OptimizerConfig, make_optimizer
 from hubert_ecg_jax.train.state import (TrainState, create_train_state, init_params,
                                         next_iteration_params)
-from hubert_ecg_jax.train.step import make_eval_step, make_train_step
+from hubert_ecg_jax.train.step import make_eval_step, make_train_step, micro_batch_count
 
 TRAIN_KEYS = ("x", "attention_mask", "targets", "mask_time_indices")
 EVAL_KEYS = ("x", "attention_mask", "targets")
@@ -35,15 +35,15 @@ EVAL_KEYS = ("x", "attention_mask", "targets")
 class LoopConfig(RunConfig):
   """The engine's schedule plus what the pre-training step and state need."""
   alpha: float = 1.0  # weight of the masked-frame loss (the original: 1, masked frames only)
-  micro_batches: int = 1  # gradient accumulation inside the step
+  per_device_batch: int | None = None  # examples a device runs at once (gradient accumulation)
   launcher: str = "mesh"  # "mesh" (jit + shard_map) or "pmap"
   seed: int = 42  # parameter init and dropout
   eval_batch_size: int | None = None  # per process; None: the first validation batch's size
 
   def __post_init__(self) -> None:
     super().__post_init__()
-    if self.micro_batches < 1:
-      raise ValueError(f"micro_batches must be >= 1, got {self.micro_batches}")
+    if self.per_device_batch is not None and self.per_device_batch < 1:
+      raise ValueError(f"per_device_batch must be >= 1 (or None), got {self.per_device_batch}")
     if not 0.0 <= self.alpha <= 1.0:
       raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
 
@@ -72,7 +72,8 @@ class Pretrainer(Job):
     model = HubertECG(model_config)
     self.optimizer = make_optimizer(optimizer_config)
     train_step = make_train_step(model, self.optimizer, loop_config.alpha,
-                                 loop_config.micro_batches, learning_rate=optimizer_config.schedule())
+                                 loop_config.per_device_batch,
+                                 learning_rate=optimizer_config.schedule())
     self.launcher = make_launcher(loop_config.launcher, train_step, make_eval_step(model), devices)
     self.engine = Engine(self.launcher, loop_config, print_fn)
     self._init_params: Any = None
@@ -259,6 +260,7 @@ def _pretrain(config: ConfigDict, workdir: str | pathlib.Path) -> TrainResult:
   if d.batch_size % processes:
     raise ValueError(f"data.batch_size {d.batch_size} does not split over {processes} processes")
   local_batch = d.batch_size // processes
+  micro_batch_count(d.batch_size, jax.device_count(), t.per_device_batch)  # refuses up front
   optimizer_config = OptimizerConfig(total_steps=t.total_steps, **o)
   loop_config = LoopConfig(**t, eval_batch_size=local_batch)
   pipeline = PipelineConfig(batch_size=local_batch, seed=d.seed, train_crop="first", eval_crop="first",

@@ -40,8 +40,23 @@ def dropout_key(rng: jax.Array, step: jax.Array, axis_name: str = AXIS) -> jax.A
   return jax.random.fold_in(jax.random.fold_in(rng, step), lax.axis_index(axis_name))
 
 
+def micro_batch_count(batch: int, devices: int, per_device_batch: int | None) -> int:
+  """Micro-batches each device runs (gradient accumulation) for `batch` split over `devices`,
+  `per_device_batch` examples at a time; None: the device's whole share at once (1)."""
+  if per_device_batch is None:
+    return 1
+  if per_device_batch < 1:
+    raise ValueError(f"per_device_batch must be >= 1 (or None), found {per_device_batch}")
+  if batch % (devices * per_device_batch):
+    raise ValueError(f"a batch of {batch} over {devices} device(s) does not split into micro-batches "
+                     f"of per_device_batch={per_device_batch}: expected a multiple of devices x "
+                     f"per_device_batch = {devices * per_device_batch}, found {batch}")
+  return batch // (devices * per_device_batch)
+
+
 def make_train_step(model: HubertECG, optimizer: optax.GradientTransformation, alpha: float = 1.0,
-                    micro_batches: int = 1, learning_rate: optax.Schedule | None = None,
+                    per_device_batch: int | None = None,
+                    learning_rate: optax.Schedule | None = None,
                     axis_name: str = AXIS) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
   """The per-device train step: `(state, local batch) -> (state, metrics)`.
 
@@ -49,8 +64,9 @@ def make_train_step(model: HubertECG, optimizer: optax.GradientTransformation, a
     model: the HuBERT-ECG module (its config sets dropout, layerdrop and the compute dtype).
     optimizer: the optax transformation whose state is `state.opt_state`.
     alpha: weight of the masked-frame loss; 1 - alpha weighs the unmasked frames.
-    micro_batches: split each device's batch into this many pieces, run them one after another
-      (`lax.scan`) and apply one update with the summed gradients.
+    per_device_batch: examples a device runs at once: its share of the batch is split into
+      micro-batches of this size, run one after another (`lax.scan`), and one update applies their
+      summed gradients. None: the whole share at once.
     learning_rate: the schedule, to report the rate of this update in the metrics.
     axis_name: the device axis to sum over.
 
@@ -58,10 +74,8 @@ def make_train_step(model: HubertECG, optimizer: optax.GradientTransformation, a
   """
 
   def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
-    local_batch = batch["x"].shape[0]
-    if local_batch % micro_batches:
-      raise ValueError(f"the per-device batch of {local_batch} does not split into {micro_batches} "
-                       "micro-batches: make batch size / devices a multiple of micro_batches")
+    local_batch = batch["x"].shape[0]  # this device's share
+    micro_batches = micro_batch_count(local_batch, 1, per_device_batch)
     frame_mask = _frame_mask(model, batch)
     masked = batch["mask_time_indices"]
     # Frame counts of the whole global batch: every piece's loss is divided by them.
