@@ -171,6 +171,23 @@ def as_path(path: str | os.PathLike | UrlPath) -> AnyPath:
   return UrlPath(str(path)) if is_url(path) else pathlib.Path(path)
 
 
+ORBAX_SCHEMES = ("gs",)  # tensorstore, which writes Orbax's arrays, has drivers for file and gcs here
+
+
+def orbax_path(path: str | os.PathLike | UrlPath) -> Any:
+  """`path` as Orbax takes it (an absolute local path, or an etils path for gs://); refuses a URL
+  of another scheme, where Orbax would write its arrays to a local folder of that name."""
+  path = as_path(path)
+  if not isinstance(path, UrlPath):
+    return path.absolute()
+  if path.scheme not in ORBAX_SCHEMES:
+    raise ValueError(f"checkpoints and model directories (Orbax) need a local path or a gs:// URL, "
+                     f"found {path}")
+  from etils import epath  # Orbax's own path type
+
+  return epath.Path(str(path))
+
+
 def remove_tree(path: AnyPath) -> None:
   """Removes the file or folder `path` (and all under it) if it exists."""
   if isinstance(path, UrlPath):
@@ -183,9 +200,13 @@ def remove_tree(path: AnyPath) -> None:
 
 
 def move(source: AnyPath, target: AnyPath) -> None:
-  """Renames the file `source` to `target` (replacing it): atomic only on local disk."""
-  if isinstance(source, UrlPath):
-    _gfile().rename(str(source), str(target), overwrite=True)
+  """Renames the file or folder `source` to `target` (replacing a file, or an empty folder):
+  atomic on local disk; on object storage a copy (`_commit_by_copy`), then `source` is removed."""
+  if isinstance(source, UrlPath) and isinstance(target, UrlPath):
+    _commit_by_copy(source, target)
+    remove_tree(source)
+  elif isinstance(source, UrlPath) or isinstance(target, UrlPath):
+    raise ValueError(f"cannot move {source} to {target}: both must be local or both URLs")
   else:
     os.replace(source, target)
 
