@@ -65,12 +65,14 @@ class DataPosition:
     return f"process_{jax.process_index()}"
 
   async def save(self, directory: Any) -> Any:
-    # Capture the position now (the iterator moves on once this returns), write it out later, in
-    # a folder of the run directory with a fixed name: a kill leaves it to the next save to replace.
+    # Capture the position now (the iterator moves on once this returns), write it out later, from
+    # a hidden folder with a fixed name in the checkpoints directory: a kill leaves it to the next
+    # save to replace, not to the temporary folder of the machine.
     if self.staging is None:
       raise ValueError("the data position is saved by CheckpointManager.save, which sets its staging")
     staging = self.staging / f".data-position-{self._name()}"
     remove_tree(staging)
+    staging.mkdir(parents=True)
     try:
       self._save(str(staging / "position"))
     except BaseException:
@@ -170,7 +172,7 @@ class CheckpointManager:
       return False
     items = {STATE: state}
     if data_position is not None:
-      data_position.step, data_position.staging = step, self.directory.parent
+      data_position.step, data_position.staging = step, self.directory
       items[DATA] = data_position
     metrics = None if val_loss is None else {BEST_METRIC: float(val_loss)}
     return self._checkpointer.save_checkpointables(step, items, metrics=metrics, force=True)
