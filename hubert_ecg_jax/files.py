@@ -126,7 +126,8 @@ class UrlPath:
       raise FileNotFoundError(f"cannot create {self}: {self.parent} does not exist")
     _gfile().makedirs(str(self))
 
-  def open(self, mode: str = "r", encoding: str | None = None) -> Any:
+  def open(self, mode: str = "r", encoding: str | None = None, newline: str | None = None) -> Any:
+    """A tf.io.gfile.GFile: UTF-8 in text mode, line ends left as written (as `newline=""`)."""
     if "w" in mode:
       self._prepare_overwrite()
     return _gfile().GFile(str(self), mode)
