@@ -162,14 +162,19 @@ AnyPath = Union[pathlib.Path, UrlPath]
 
 
 def is_url(path: str | os.PathLike | UrlPath) -> bool:
-  return isinstance(path, UrlPath) or "://" in str(path)
+  """Whether `path` names object storage (scheme://...; file:// is local disk)."""
+  text = str(path)
+  return isinstance(path, UrlPath) or ("://" in text and not text.startswith("file://"))
 
 
 def as_path(path: str | os.PathLike | UrlPath) -> AnyPath:
   """`path` as a `UrlPath` when it is a URL (scheme://...), else as a `pathlib.Path`."""
   if isinstance(path, (UrlPath, pathlib.Path)):
     return path
-  return UrlPath(str(path)) if is_url(path) else pathlib.Path(path)
+  text = str(path)
+  if text.startswith("file://"):
+    return pathlib.Path(text[len("file://"):])
+  return UrlPath(text) if is_url(text) else pathlib.Path(text)
 
 
 ORBAX_SCHEMES = ("gs",)  # tensorstore, which writes Orbax's arrays, has drivers for file and gcs here
