@@ -38,8 +38,8 @@ def resolve_model(path_or_id: str | os.PathLike, revision: str | None = None) ->
     return path
   parsed = None if is_url(path) else parse_hub_id(str(path_or_id))
   if parsed is None:
-    raise FileNotFoundError(f"{path_or_id} does not exist: expected a model path (local or a URL) "
-                            "or a Hugging Face Hub id such as Edoardo-BS/hubert-ecg-base")
+    raise FileNotFoundError(f"{path_or_id} does not exist: expected a local model path or a Hugging "
+                            "Face Hub id such as Edoardo-BS/hubert-ecg-base, or a model's URL")
   repo_id, id_revision = parsed
   if revision is not None and id_revision is not None and revision != id_revision:
     raise ValueError(f"two revisions for {repo_id}: {id_revision!r} in the id and {revision!r}")
