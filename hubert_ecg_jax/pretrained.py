@@ -15,7 +15,7 @@ import numpy as np
 from hubert_ecg_jax import model_dir
 from hubert_ecg_jax.config import HubertECGConfig
 from hubert_ecg_jax.convert import check_params, flax_to_state_dict, state_dict_to_flax
-from hubert_ecg_jax.files import AnyPath, UrlPath, as_path, atomic_path
+from hubert_ecg_jax.files import AnyPath, UrlPath, as_path, atomic_path, make_parent_folder
 from hubert_ecg_jax.hub import resolve_model
 from hubert_ecg_jax.model import HubertECG
 
@@ -176,7 +176,8 @@ def export_hf_directory(config: HubertECGConfig, params: dict, directory: str | 
   if directory.exists() and any(directory.iterdir()) and not overwrite:
     raise FileExistsError(f"{directory} exists and is not empty: choose another output or overwrite")
   state_dict = flax_to_state_dict(params, weight_norm=weight_norm)
-  directory.mkdir(parents=True, exist_ok=True)
+  make_parent_folder(directory)
+  directory.mkdir(exist_ok=True)
   hf_config = config.to_hf_dict()
   hf_config.setdefault("architectures", ["HuBERTECG"])
   # The released `auto_map` points at the original's remote code, which is not shipped here.
