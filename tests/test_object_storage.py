@@ -1,7 +1,8 @@
 """Data, run directories and models at URLs, on TensorFlow's in-memory file system (ram://): what
 tf.io.gfile and tf.data read natively, offline, with no atomic commit by rename in our path layer
 (files.UrlPath commits by copy, as on gs://). Orbax writes its arrays through tensorstore, which
-does not reach ram://: the pre-training run directory stays local here (docs/object-storage.md)."""
+does not reach ram://: the pre-training run directory stays local here (README: "Data, checkpoints
+and models in a bucket")."""
 from __future__ import annotations
 
 import io
