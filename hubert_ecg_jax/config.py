@@ -12,6 +12,8 @@ import math
 import pathlib
 from typing import Any
 
+from hubert_ecg_jax.files import UrlPath, as_path
+
 # Conv feature-encoder variants of the original, keyed by `downsampling_factor`
 # (name -> (kernels, strides)). "x5" is what the released models use: 6000 samples -> 93 frames.
 CONV_VARIANTS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
@@ -209,12 +211,12 @@ class HubertECGConfig:
     fields.update(overrides)
     return cls(**fields, hf_extra=extra)
 
-  def save_json(self, path: str | pathlib.Path) -> None:
-    pathlib.Path(path).write_text(json.dumps(self.to_hf_dict(), indent=2, sort_keys=True) + "\n")
+  def save_json(self, path: str | pathlib.Path | UrlPath) -> None:
+    as_path(path).write_text(json.dumps(self.to_hf_dict(), indent=2, sort_keys=True) + "\n")
 
   @classmethod
-  def from_json(cls, path: str | pathlib.Path, **overrides: Any) -> HubertECGConfig:
-    path = pathlib.Path(path)
+  def from_json(cls, path: str | pathlib.Path | UrlPath, **overrides: Any) -> HubertECGConfig:
+    path = as_path(path)
     try:
       data = json.loads(path.read_text())
     except json.JSONDecodeError as error:

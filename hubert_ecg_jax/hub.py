@@ -16,6 +16,8 @@ import os
 import pathlib
 import re
 
+from hubert_ecg_jax.files import AnyPath, as_path, is_url
+
 # ORG/NAME with an optional @REVISION; the Hub's own rules for names (letters, digits, - _ .).
 _HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?$")
 # Weights and configs a model directory may hold (not the repository's other files).
@@ -28,15 +30,16 @@ def parse_hub_id(text: str) -> tuple[str, str | None] | None:
   return None if match is None else (match["repo"], match["revision"])
 
 
-def resolve_model(path_or_id: str | os.PathLike, revision: str | None = None) -> pathlib.Path:
-  """A local model path, or a Hub id's snapshot folder in the Hub cache (see the module docstring)."""
-  path = pathlib.Path(path_or_id)
+def resolve_model(path_or_id: str | os.PathLike, revision: str | None = None) -> AnyPath:
+  """A model path (local or a URL), or a Hub id's snapshot folder in the Hub cache (see the module
+  docstring)."""
+  path = as_path(path_or_id)
   if path.exists():
     return path
-  parsed = parse_hub_id(str(path_or_id))
+  parsed = None if is_url(path) else parse_hub_id(str(path_or_id))
   if parsed is None:
     raise FileNotFoundError(f"{path_or_id} does not exist: expected a local model path or a Hugging "
-                            "Face Hub id such as Edoardo-BS/hubert-ecg-base")
+                            "Face Hub id such as Edoardo-BS/hubert-ecg-base, or a model's URL")
   repo_id, id_revision = parsed
   if revision is not None and id_revision is not None and revision != id_revision:
     raise ValueError(f"two revisions for {repo_id}: {id_revision!r} in the id and {revision!r}")
@@ -75,7 +78,7 @@ def model_source(path_or_id: str | os.PathLike, revision: str | None = None) -> 
   cache_entry = folder.parent.parent.name  # models--ORG--NAME/snapshots/COMMIT
   if folder.parent.name == "snapshots" and cache_entry.startswith("models--"):
     source.update(repo_id=cache_entry[len("models--"):].replace("--", "/"), commit=folder.name)
-    parsed = parse_hub_id(str(path_or_id)) if not pathlib.Path(path_or_id).exists() else None
+    parsed = parse_hub_id(str(path_or_id)) if not as_path(path_or_id).exists() else None
     if revision or parsed:  # asked by Hub id (not by the snapshot's path)
       source["revision"] = revision or parsed[1] or "main"
   return source

@@ -23,7 +23,7 @@ from hubert_ecg_jax.data.preprocess import (WINDOW_SAMPLES, crop_offsets, crop_w
 from hubert_ecg_jax.data.readers import (HDF5_EXTENSIONS, find_hdf5_files, find_records,
                                          read_code15_hdf5, read_record)
 from hubert_ecg_jax.data.records import MANIFEST_NAME, read_manifest
-from hubert_ecg_jax.files import atomic_path
+from hubert_ecg_jax.files import AnyPath, as_path, atomic_path
 from hubert_ecg_jax.finetune.tasks import Task
 from hubert_ecg_jax.hub import model_source, resolve_model
 from hubert_ecg_jax.layers import cast_kernels
@@ -275,7 +275,7 @@ def run_on_records_dir(runner: BatchRunner, params: Any, directory: str | pathli
   pipeline = PipelineConfig(batch_size=runner.batch_size, seed=seed, eval_crop=crop,
                             eval_crops=n_crops, process_index=0, process_count=1)
   record_ids, outputs, labels = [], [], []
-  with progress_bar(total=manifest.num_records * n_crops, desc=f"windows of {pathlib.Path(directory).name}",
+  with progress_bar(total=manifest.num_records * n_crops, desc=f"windows of {as_path(directory).name}",
             unit="window", disable=not progress) as bar:
     for batch in make_eval_iterator(directory, pipeline):
       outputs.append(runner(params, batch["x"], batch["attention_mask"]))
@@ -298,11 +298,11 @@ def embed_to_file(model: str | pathlib.Path, data: str | pathlib.Path, out: str 
                   extensions: Sequence[str] = (".hea", ".npy"), batch_size: int = 64,
                   overwrite: bool = False, progress: bool = True, compute_dtype: str | None = None,
                   missing_leads: str = "refuse"
-                  ) -> tuple[tuple[int, ...], int, pathlib.Path, dict[str, str]]:
+                  ) -> tuple[tuple[int, ...], int, AnyPath, dict[str, str]]:
   """Embeddings of a records directory or ECG files to `out` (.npy) and `out.index.csv` (row,
   record_id, source, leads entered as zeros), both atomically: `hubert-ecg-jax embed`. Returns
   (shape, layer, index path, the model's source: `hub.model_source`)."""
-  out = pathlib.Path(out)
+  out = as_path(out)
   if out.suffix != ".npy":
     raise ValueError(f"--out must name a .npy file, found {out}")
   index_path = out.with_suffix(".index.csv")
@@ -314,7 +314,7 @@ def embed_to_file(model: str | pathlib.Path, data: str | pathlib.Path, out: str 
   origin = model_source(model)
   config, backbone = load_backbone(origin["path"], compute_dtype)
   runner = BatchRunner(embedding_fn(config, layer, pool), batch_size)
-  data = pathlib.Path(data)
+  data = as_path(data)
   if (data / MANIFEST_NAME).is_file():
     if crop == "cover":
       raise ValueError("--crop cover is for ECG files; records directories take first or tta")
@@ -340,8 +340,8 @@ def embed_to_file(model: str | pathlib.Path, data: str | pathlib.Path, out: str 
       raise ValueError(f"no record of {data} could be read")
     embeddings = np.stack(rows)
   embeddings = embeddings.astype(np.float32)
-  with atomic_path(out) as staging:
-    np.save(staging, embeddings)
+  with atomic_path(out) as staging, staging.open("wb") as stream:
+    np.save(stream, embeddings)
   with atomic_path(index_path) as staging, staging.open("w", newline="") as stream:
     writer = csv.writer(stream)
     writer.writerow(["row", "record_id", "source", "missing_leads"])

@@ -6,7 +6,7 @@ This is the format `hubert-ecg-jax convert` writes and every command reads; trai
 from __future__ import annotations
 
 import json
-import pathlib
+import os
 from typing import Any
 
 import jax
@@ -14,48 +14,50 @@ import numpy as np
 from orbax.checkpoint import v1 as ocp
 
 from hubert_ecg_jax.config import HubertECGConfig
-from hubert_ecg_jax.files import atomic_path
+from hubert_ecg_jax.files import AnyPath, as_path, atomic_path, orbax_path
 
 CONFIG_FILE = "config.json"
 METADATA_FILE = "metadata.json"
 PARAMS_DIR = "params"
 
 
-def is_model_dir(path: str | pathlib.Path) -> bool:
-  path = pathlib.Path(path)
+def is_model_dir(path: str | os.PathLike | AnyPath) -> bool:
+  path = as_path(path)
   return (path / CONFIG_FILE).is_file() and (path / PARAMS_DIR).is_dir()
 
 
-def save_model(directory: str | pathlib.Path, config: HubertECGConfig, params: Any,
-               metadata: dict[str, Any] | None = None, overwrite: bool = False) -> pathlib.Path:
+def save_model(directory: str | os.PathLike | AnyPath, config: HubertECGConfig, params: Any,
+               metadata: dict[str, Any] | None = None, overwrite: bool = False) -> AnyPath:
   """Writes the model to `directory` atomically: a crash leaves either nothing or a complete model."""
-  directory = pathlib.Path(directory).absolute()
+  directory = as_path(directory).absolute()
+  orbax_path(directory)  # refused before the work when Orbax cannot write there
   if directory.exists() and not overwrite:
     raise FileExistsError(f"{directory} already exists: choose another output or pass overwrite")
   if directory.exists() and not directory.is_dir():
     raise FileExistsError(f"{directory} is a file: expected a model directory to replace")
   with atomic_path(directory, folder=True) as staging:
     host_params = jax.tree_util.tree_map(lambda a: np.asarray(a, dtype=np.float32), params)
-    ocp.save(staging / PARAMS_DIR, host_params)
+    ocp.save(orbax_path(staging / PARAMS_DIR), host_params)
     write_config_and_metadata(staging, config, metadata)
   return directory
 
 
-def write_config_and_metadata(directory: pathlib.Path, config: HubertECGConfig,
+def write_config_and_metadata(directory: AnyPath, config: HubertECGConfig,
                               metadata: dict[str, Any] | None) -> None:
   """The two files of a model directory beside its params: `config.json`, `metadata.json`."""
   config.save_json(directory / CONFIG_FILE)
   (directory / METADATA_FILE).write_text(json.dumps(metadata or {}, indent=2, default=str) + "\n")
 
 
-def load_model(directory: str | pathlib.Path) -> tuple[HubertECGConfig, dict, dict[str, Any]]:
+def load_model(directory: str | os.PathLike | AnyPath
+               ) -> tuple[HubertECGConfig, dict, dict[str, Any]]:
   """Reads a model written by `save_model`: (config, params as numpy arrays, metadata)."""
-  directory = pathlib.Path(directory)
+  directory = as_path(directory)
   if not is_model_dir(directory):
     raise FileNotFoundError(f"{directory} is not a hubert-ecg-jax model directory: expected "
                             f"{CONFIG_FILE} and a {PARAMS_DIR}/ folder in it")
   config = HubertECGConfig.from_json(directory / CONFIG_FILE)
-  params = ocp.load(directory.absolute() / PARAMS_DIR)
+  params = ocp.load(orbax_path(directory / PARAMS_DIR))
   params = jax.tree_util.tree_map(np.asarray, params)
   metadata_path = directory / METADATA_FILE
   metadata = json.loads(metadata_path.read_text()) if metadata_path.is_file() else {}

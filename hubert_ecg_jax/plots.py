@@ -21,6 +21,7 @@ from sklearn.metrics import roc_curve
 from hubert_ecg_jax.config import STANDARD_LEADS
 from hubert_ecg_jax.evaluate.metrics import (check_multilabel, defined_label_mask, label_auroc,
                                              label_names_or_default)
+from hubert_ecg_jax.files import AnyPath, UrlPath, as_path
 
 # The standard 4 x 3 clinical layout: rows of leads; column j shows the j-th quarter of the window.
 CLINICAL_LAYOUT = (("I", "aVR", "V1", "V4"), ("II", "aVL", "V2", "V5"), ("III", "aVF", "V3", "V6"))
@@ -36,11 +37,12 @@ _MM_PER_INCH = 25.4
 HEAT_SATURATION_PERCENTILE = 99.0
 
 
-def _save(figure: Figure, path: str | pathlib.Path, dpi: int) -> pathlib.Path:
-  path = pathlib.Path(path)
+def _save(figure: Figure, path: str | pathlib.Path | UrlPath, dpi: int) -> AnyPath:
+  path = as_path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   FigureCanvasAgg(figure)
-  figure.savefig(path, format="png", dpi=dpi)
+  with path.open("wb") as stream:
+    figure.savefig(stream, format="png", dpi=dpi)
   return path
 
 

@@ -3,8 +3,9 @@
 More in docs/modules.md."""
 from __future__ import annotations
 
+import io
 import json
-import pathlib
+import os
 from typing import Any
 
 import jax
@@ -14,7 +15,7 @@ import numpy as np
 from hubert_ecg_jax import model_dir
 from hubert_ecg_jax.config import HubertECGConfig
 from hubert_ecg_jax.convert import check_params, flax_to_state_dict, state_dict_to_flax
-from hubert_ecg_jax.files import make_parent_folder
+from hubert_ecg_jax.files import AnyPath, UrlPath, as_path, atomic_path, make_parent_folder
 from hubert_ecg_jax.hub import resolve_model
 from hubert_ecg_jax.model import HubertECG
 
@@ -31,15 +32,15 @@ def expected_params(config: HubertECGConfig, pretraining_heads: bool = True) -> 
   return jax.eval_shape(lambda: model.init({"params": jax.random.key(0)}, x))["params"]
 
 
-def read_state_dict(path: str | pathlib.Path) -> dict[str, np.ndarray]:
+def read_state_dict(path: str | os.PathLike | AnyPath) -> dict[str, np.ndarray]:
   """A `.safetensors` or `.bin` file -> {key: float32 array}."""
-  path = pathlib.Path(path)
+  path = as_path(path)
   if not path.is_file():
     raise FileNotFoundError(f"weights file {path} does not exist")
   if path.suffix == ".safetensors":
-    from safetensors.numpy import load_file
+    from safetensors.numpy import load, load_file
     try:
-      return load_file(str(path))
+      return load(path.read_bytes()) if isinstance(path, UrlPath) else load_file(str(path))
     except Exception as error:  # safetensors raises its own error types for corrupt files
       raise ValueError(f"{path} is not a readable safetensors file: {error}") from None
   state = _torch_load(path)
@@ -50,8 +51,9 @@ def read_state_dict(path: str | pathlib.Path) -> dict[str, np.ndarray]:
   return state
 
 
-def read_hf_directory(directory: str | pathlib.Path) -> tuple[HubertECGConfig, dict[str, Any]]:
-  directory = pathlib.Path(directory)
+def read_hf_directory(directory: str | os.PathLike | AnyPath
+                      ) -> tuple[HubertECGConfig, dict[str, Any]]:
+  directory = as_path(directory)
   config_path = directory / "config.json"
   if not config_path.is_file():
     raise FileNotFoundError(f"{directory} has no config.json: expected a Hugging Face model directory")
@@ -61,9 +63,10 @@ def read_hf_directory(directory: str | pathlib.Path) -> tuple[HubertECGConfig, d
   raise FileNotFoundError(f"{directory} has neither {' nor '.join(WEIGHT_FILES)}")
 
 
-def read_pt_checkpoint(path: str | pathlib.Path) -> tuple[HubertECGConfig, dict[str, Any], dict]:
+def read_pt_checkpoint(path: str | os.PathLike | AnyPath
+                       ) -> tuple[HubertECGConfig, dict[str, Any], dict]:
   """The original's training checkpoint -> (config, state dict, other entries without tensors)."""
-  checkpoint_dict = _torch_load(pathlib.Path(path))
+  checkpoint_dict = _torch_load(as_path(path))
   if not isinstance(checkpoint_dict, dict) or "model_state_dict" not in checkpoint_dict:
     raise ValueError(f"{path} is not a HuBERT-ECG training checkpoint: expected a dict with "
                      "'model_state_dict' and 'model_config'")
@@ -78,15 +81,17 @@ def read_pt_checkpoint(path: str | pathlib.Path) -> tuple[HubertECGConfig, dict[
   return config, checkpoint_dict["model_state_dict"], info
 
 
-def _torch_load(path: pathlib.Path) -> Any:
+def _torch_load(path: AnyPath) -> Any:
   """torch.load with the weights-only unpickler; only the config class is allowed in, as a stand-in."""
   import torch
   import torch.serialization as serialization
 
   if not path.is_file():
     raise FileNotFoundError(f"checkpoint {path} does not exist")
+  # torch reads local files by name; a URL's bytes are read once and served from memory
+  source = io.BytesIO(path.read_bytes()) if isinstance(path, UrlPath) else str(path)
   try:
-    unsafe = serialization.get_unsafe_globals_in_checkpoint(str(path))
+    unsafe = serialization.get_unsafe_globals_in_checkpoint(source)
   except Exception as error:
     raise ValueError(f"{path} is not a readable PyTorch checkpoint: {error}") from None
   refused = sorted(name for name in unsafe if name.rsplit(".", 1)[-1] not in _CONFIG_CLASS_NAMES)
@@ -96,7 +101,9 @@ def _torch_load(path: pathlib.Path) -> Any:
   stand_ins = [_config_stand_in(name) for name in unsafe]
   try:
     with serialization.safe_globals(stand_ins):
-      return torch.load(str(path), map_location="cpu", weights_only=True)
+      if isinstance(source, io.BytesIO):
+        source.seek(0)
+      return torch.load(source, map_location="cpu", weights_only=True)
   except Exception as error:
     raise ValueError(f"{path} could not be read as a HuBERT-ECG checkpoint: {error}") from None
 
@@ -120,7 +127,7 @@ def _has_pretraining_heads(params: dict) -> bool:
   return any(k.startswith(("final_proj_", "label_embedding_")) for k in params)
 
 
-def load_pretrained(path: str | pathlib.Path, compute_dtype: str | None = None,
+def load_pretrained(path: str | os.PathLike | AnyPath, compute_dtype: str | None = None,
                     revision: str | None = None) -> tuple[HubertECGConfig, dict]:
   """(config, params) for `HubertECG(config)` from a HF directory, an original `.pt`, our model dir,
   or a Hugging Face Hub id (at `revision`: a branch, tag or commit; default main)."""
@@ -130,7 +137,7 @@ def load_pretrained(path: str | pathlib.Path, compute_dtype: str | None = None,
   return config, params
 
 
-def load_pretrained_with_heads(path: str | pathlib.Path, revision: str | None = None
+def load_pretrained_with_heads(path: str | os.PathLike | AnyPath, revision: str | None = None
                                ) -> tuple[HubertECGConfig, dict, dict]:
   """Like `load_pretrained`, plus the classifier-head params of a fine-tuned checkpoint ({} if none)."""
   path = resolve_model(path, revision)
@@ -155,15 +162,15 @@ def load_pretrained_with_heads(path: str | pathlib.Path, revision: str | None = 
   return config, params, heads
 
 
-def export_hf_directory(config: HubertECGConfig, params: dict, directory: str | pathlib.Path,
-                        weight_norm: str = "parametrizations", overwrite: bool = False) -> pathlib.Path:
+def export_hf_directory(config: HubertECGConfig, params: dict, directory: str | os.PathLike | AnyPath,
+                        weight_norm: str = "parametrizations", overwrite: bool = False) -> AnyPath:
   """Writes `config.json` + `model.safetensors` that `transformers.HubertModel.from_pretrained` loads.
 
   Pretraining heads (and a classifier head) are saved under the original's key names.
   """
-  from safetensors.numpy import save_file
+  from safetensors.numpy import save
 
-  directory = pathlib.Path(directory)
+  directory = as_path(directory)
   if directory.exists() and not directory.is_dir():
     raise FileExistsError(f"{directory} is a file: expected a folder (new or empty) for the model")
   if directory.exists() and any(directory.iterdir()) and not overwrite:
@@ -175,16 +182,11 @@ def export_hf_directory(config: HubertECGConfig, params: dict, directory: str | 
   hf_config.setdefault("architectures", ["HuBERTECG"])
   # The released `auto_map` points at the original's remote code, which is not shipped here.
   hf_config.pop("auto_map", None)
-  # Both files are written to temporary names first and renamed only when both are complete, so an
-  # interrupted export (a full disk) leaves no half-written file and an earlier export intact.
-  staged = [directory / "model.safetensors.tmp", directory / "config.json.tmp"]
-  try:
-    save_file(state_dict, str(staged[0]), metadata={"format": "pt"})
-    staged[1].write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
-    staged[0].replace(directory / "model.safetensors")
-    staged[1].replace(directory / "config.json")
-  except BaseException:
-    for path in staged:
-      path.unlink(missing_ok=True)
-    raise
+  # Both files are staged and committed only when both are complete, the weights first and
+  # config.json (what readers look for) last: an interrupted export (a full disk, a kill) leaves no
+  # half-written file and an earlier export intact.
+  with atomic_path(directory / "config.json") as config_file, \
+       atomic_path(directory / "model.safetensors") as weights_file:
+    weights_file.write_bytes(save(state_dict, metadata={"format": "pt"}))
+    config_file.write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
   return directory

@@ -5,7 +5,8 @@ renames of the output folder itself), with an exclusive `flock` for as long as i
 who it is (host, process id, start time, command line) into the file. A second job on the same directory is
 refused at once with that description. The kernel drops the lock when the holder dies, however it
 dies (SIGKILL included), so the rerun that resumes a killed job is never blocked by a stale file;
-on NFS the lock of a lost node lapses with its lease (about 90 s).
+on NFS the lock of a lost node lapses with its lease (about 90 s). Object storage (a URL) has no
+lock: there one job per directory is the user's to keep.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from hubert_ecg_jax.files import make_parent_folder
+from hubert_ecg_jax.files import is_url, make_parent_folder
 
 
 class DirectoryHeldError(OSError):
@@ -59,7 +60,7 @@ def hold_directory(directory: str | os.PathLike, command: str | None = None,
   `take=False` holds nothing: the other processes of a multi-host job, whose process 0 holds the
   directory for all of them.
   """
-  if not take:
+  if not take or is_url(directory):
     yield
     return
   path = lock_path(directory)

@@ -464,24 +464,24 @@ def test_full_disk_while_saving_a_model_keeps_the_previous_one(tmp_path, params,
 
 
 def test_full_disk_while_exporting_keeps_the_previous_export(tmp_path, params, monkeypatch):
-  import safetensors.numpy
-
   out = export_hf_directory(CONFIG, params, tmp_path / "hf")
   before = {p.name: p.read_bytes() for p in out.iterdir()}
-  monkeypatch.setattr(safetensors.numpy, "save_file", _disk_full)
+  write_bytes = pathlib.Path.write_bytes
+
+  def half_then_disk_full(path: pathlib.Path, data: bytes) -> None:
+    write_bytes(path, data[:len(data) // 2])
+    _disk_full()
+
+  monkeypatch.setattr(pathlib.Path, "write_bytes", half_then_disk_full)  # the weights, staged
   with pytest.raises(OSError, match="No space left on device"):
     export_hf_directory(CONFIG, jax.tree.map(lambda a: a + 1.0, params), out, overwrite=True)
   assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
-def test_full_disk_during_a_training_checkpoint(tmp_path, monkeypatch):
+def test_full_disk_during_a_training_checkpoint(tmp_path):
   """A checkpoint cut short is never listed or restored; the next save of that step replaces it."""
-  import tempfile
-
   from hubert_ecg_jax.train.checkpointing import CheckpointManager, DataPosition, abstract_like
 
-  (tmp_path / "tmp").mkdir()  # DataPosition stages in the temp folder: keep what a failure leaves here
-  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
   position = {"batches": 0}
 
   def save(path):

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import pathlib
 import time
+
+from hubert_ecg_jax.files import AnyPath, as_path, write_json_atomic, write_text_atomic
 
 
 def register(subparsers) -> None:
@@ -45,10 +45,10 @@ def register(subparsers) -> None:
   p.set_defaults(func=run)
 
 
-def _feature_files(paths: list[str]) -> list[pathlib.Path]:
-  files: list[pathlib.Path] = []
+def _feature_files(paths: list[str]) -> list[AnyPath]:
+  files: list[AnyPath] = []
   for name in paths:
-    path = pathlib.Path(name)
+    path = as_path(name)
     if path.is_dir():
       found = sorted(path.rglob("*.npy"))
       if not found:
@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
 
   files = _feature_files(args.features)
   sweep = _parse_sweep(args.sweep)
-  out = pathlib.Path(args.out)
+  out = as_path(args.out)
   if (out / "summary.json").exists() and not args.overwrite:
     raise FileExistsError(f"{out} already holds a clustering run; pass --overwrite to replace it")
   out.mkdir(parents=True, exist_ok=True)
@@ -96,10 +96,10 @@ def run(args: argparse.Namespace) -> int:
       "seconds": round(seconds, 3)}
   if len(sse) > 1:
     table = format_sweep_table(sse)
-    (out / "sweep.txt").write_text(table + "\n")
+    write_text_atomic(out / "sweep.txt", table + "\n")
     plot_elbow(sse, out / "elbow.png", title=f"k-means SSE against K ({model.dim}-dim features)")
     print(table)
-  (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+  write_json_atomic(out / "summary.json", summary)
   print(f"k-means K={model.k} on {summary['vectors']} vectors of dim {model.dim}: SSE "
         f"{model.inertia:.6g}, {summary['empty_clusters']} empty clusters, {seconds:.1f} s -> "
         f"{out / summary['model']}")

@@ -23,10 +23,10 @@ and R2 per target. The table goes to stdout.
 from __future__ import annotations
 
 import argparse
-import pathlib
 from typing import Any
 
 from hubert_ecg_jax.commands import add_compute_dtype_argument, add_missing_leads_argument
+from hubert_ecg_jax.files import as_path
 
 
 def register(subparsers: Any) -> None:
@@ -67,8 +67,8 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-  data = pathlib.Path(args.data)
-  out = pathlib.Path(args.out)
+  data = as_path(args.data)
+  out = as_path(args.out)
   if data.is_file() and data.suffix.lower() == ".csv":
     from hubert_ecg_jax.finetune.data import materialise_split_csv
 

@@ -21,6 +21,7 @@ import argparse
 import signal
 from typing import Any
 
+from hubert_ecg_jax.files import as_path
 
 _FLAGS = {"--print-config": "print_config", "--no-test": "no_test"}
 
@@ -41,8 +42,6 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-  import pathlib
-
   from hubert_ecg_jax.evaluate.classifier import evaluate_classifier
   from hubert_ecg_jax.experiment import load_config, split_config_args
   from hubert_ecg_jax.finetune.config import settings_from_config
@@ -68,9 +67,9 @@ def run(args: argparse.Namespace) -> int:
   if "test" in result.splits and not args.no_test:
     e = settings.eval
     summary = evaluate_classifier(result.best_model, result.splits["test"],
-                                  pathlib.Path(args.workdir) / "test_evaluation", e.crop, e.crops,
+                                  as_path(args.workdir) / "test_evaluation", e.crop, e.crops,
                                   e.aggregation, e.n_boot, settings.train.seed, e.batch_size,
                                   overwrite=True, progress=settings.train.progress)
     print(summary["table"])
-    print(f"test report -> {pathlib.Path(args.workdir) / 'test_evaluation'}")
+    print(f"test report -> {as_path(args.workdir) / 'test_evaluation'}")
   return 0

@@ -26,6 +26,7 @@ from hubert_ecg_jax.data.labels import MultiLabelEncoder, read_split_csv, snomed
 from hubert_ecg_jax.data.preprocess import prepare_record, zeroed_leads
 from hubert_ecg_jax.data.readers import (HDF5_EXTENSIONS, code15_exam_ids, find_hdf5_files,
                                          find_records, read_code15_exam, read_record)
+from hubert_ecg_jax.files import AnyPath, as_path
 from hubert_ecg_jax.progress import progress_bar
 from hubert_ecg_jax.run_lock import holds_directory
 
@@ -217,7 +218,7 @@ def encode_task(task: tuple[RecordSource, PrepareSettings]) -> EncodedRecord | t
                        records_lib.encode_example(result))
 
 
-def file_digest(path: pathlib.Path) -> str:
+def file_digest(path: AnyPath) -> str:
   return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
@@ -234,7 +235,7 @@ def _job_fingerprint(sources: Sequence[RecordSource], settings: PrepareSettings,
   }
 
 
-def _prepare_out(out: pathlib.Path, job: dict[str, Any]) -> records_lib.RecordsManifest | None:
+def _prepare_out(out: AnyPath, job: dict[str, Any]) -> records_lib.RecordsManifest | None:
   """Checks OUT is a writable folder; returns the manifest of the same job to resume, if any."""
   if out.exists() and not out.is_dir():
     raise FileExistsError(f"OUT {out} exists and is not a folder")
@@ -266,7 +267,7 @@ def preprocess_records(src: str | os.PathLike, out: str | os.PathLike, *,
                        missing_leads: str = "refuse"
                        ) -> records_lib.RecordsManifest:
   """Runs (or resumes) a preprocessing job; returns the complete manifest."""
-  src, out = pathlib.Path(src), pathlib.Path(out)
+  src, out = pathlib.Path(src), as_path(out)
   labels_csv = pathlib.Path(labels_csv) if labels_csv else None
   if label_source is None:
     label_source = "csv" if labels_csv or src.suffix.lower() == ".csv" else "dx"
@@ -316,7 +317,7 @@ def preprocess_records(src: str | os.PathLike, out: str | os.PathLike, *,
   return manifest
 
 
-def _write_shards(out: pathlib.Path, sources: Sequence[RecordSource],
+def _write_shards(out: AnyPath, sources: Sequence[RecordSource],
                   manifest: records_lib.RecordsManifest, settings: PrepareSettings, num_shards: int,
                   pool: Any, show_progress: bool) -> None:
   """Writes every shard not yet in the manifest, updating the manifest after each one."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import pathlib
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -19,6 +18,7 @@ from hubert_ecg_jax.data import units as units_lib
 from hubert_ecg_jax.data.records import CorruptShardError
 from hubert_ecg_jax.data.online import fast_model_inputs
 from hubert_ecg_jax.data.preprocess import WINDOW_SAMPLES
+from hubert_ecg_jax.files import as_path
 from hubert_ecg_jax.train.masking import sample_span_mask
 
 _EPOCH_SEED_STRIDE = 1_000_003
@@ -39,7 +39,7 @@ class DamagedShard:
   listed: int  # records the manifest lists for it
 
   def _check(self) -> str:
-    return f"`hubert-ecg-jax verify {pathlib.Path(self.path).parent}` lists the damaged shards"
+    return f"`hubert-ecg-jax verify {as_path(self.path).parent}` lists the damaged shards"
 
   def error(self, training: bool) -> str:
     """The one-line message that stops a strict run (`training`: a run that resumes)."""

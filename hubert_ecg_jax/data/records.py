@@ -7,7 +7,6 @@ import dataclasses
 import functools
 import math
 import os
-import pathlib
 import struct
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -15,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from hubert_ecg_jax.config import NUM_LEADS
-from hubert_ecg_jax.files import atomic_path, read_json, write_json_atomic
+from hubert_ecg_jax.files import AnyPath, as_path, atomic_path, move, read_json, write_json_atomic
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "hubert-ecg-jax/records"
@@ -254,7 +253,7 @@ def write_shard(path: str | os.PathLike, serialized_records: Iterable[bytes]) ->
   TFRecord format, written here without TensorFlow: per record its length (uint64), the length's
   masked CRC-32C (uint32), the data and the data's masked CRC-32C, all little-endian."""
   count = 0
-  with atomic_path(path) as temporary, open(temporary, "wb") as file:
+  with atomic_path(path) as temporary, temporary.open("wb") as file:
     for serialized in serialized_records:
       length = struct.pack("<Q", len(serialized))
       file.write(length + struct.pack("<I", masked_crc32c(length)))
@@ -265,24 +264,24 @@ def write_shard(path: str | os.PathLike, serialized_records: Iterable[bytes]) ->
 
 
 def write_manifest(directory: str | os.PathLike, manifest: RecordsManifest) -> None:
-  write_json_atomic(pathlib.Path(directory) / MANIFEST_NAME, manifest.to_dict())
+  write_json_atomic(as_path(directory) / MANIFEST_NAME, manifest.to_dict())
 
 
 def read_manifest(directory: str | os.PathLike) -> RecordsManifest:
   """Reads `manifest.json` of a records directory."""
-  path = pathlib.Path(directory) / MANIFEST_NAME
+  path = as_path(directory) / MANIFEST_NAME
   data = read_json(path, "a directory written by `hubert-ecg-jax preprocess`")
   return RecordsManifest.from_dict(data, where=str(path))
 
 
 def shard_paths(directory: str | os.PathLike, manifest: RecordsManifest | None = None
-                ) -> list[pathlib.Path]:
+                ) -> list[AnyPath]:
   """Paths of the shard files of a complete records directory, in manifest order."""
   manifest = manifest or read_manifest(directory)
   if not manifest.complete:
     raise ValueError(f"{directory} holds an unfinished preprocessing job: rerun "
                      "`hubert-ecg-jax preprocess` with the same arguments to finish it")
-  paths = [pathlib.Path(directory) / shard.file for shard in manifest.shards]
+  paths = [as_path(directory) / shard.file for shard in manifest.shards]
   missing = [str(p) for p in paths if not p.is_file()]
   if missing:
     raise FileNotFoundError(f"shard files listed in the manifest are missing: {missing[:3]}")
@@ -333,7 +332,7 @@ def write_records(directory: str | os.PathLike, records: Iterable[StoredRecord],
       raise ValueError(f"num_shards must be in 1..{max(len(records), 1)}, found {num_shards}")
     bounds = [len(records) * i // num_shards for i in range(num_shards + 1)]
     blocks = (records[bounds[i]:bounds[i + 1]] for i in range(num_shards))
-  directory = pathlib.Path(directory)
+  directory = as_path(directory)
   if (directory / MANIFEST_NAME).exists():
     raise FileExistsError(f"{directory} already holds a records manifest; choose an empty directory")
   # Shards without a manifest are an interrupted write of an earlier version: replaced.
@@ -358,7 +357,7 @@ def write_records(directory: str | os.PathLike, records: Iterable[StoredRecord],
                        f"{manifest.failures[:2]})")
     for index, count in enumerate(counts):  # the shard count is known only now
       name = shard_file_name(index, len(counts))
-      os.replace(staging / f"block-{index}", staging / name)
+      move(staging / f"block-{index}", staging / name)
       manifest.shards.append(ShardInfo(name, count))
     manifest.num_records = sum(counts)
     manifest.complete = True

@@ -13,6 +13,7 @@ import numpy as np
 from hubert_ecg_jax.data import records as records_lib
 from hubert_ecg_jax.data import units as units_lib
 from hubert_ecg_jax.data.preprocess import STANDARD_LEADS
+from hubert_ecg_jax.files import as_path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -272,7 +273,7 @@ def write_units(records_dir: str | os.PathLike, units_dir: str | os.PathLike,
   manifest = records_lib.read_manifest(records_dir)
   for path, shard in zip(records_lib.shard_paths(records_dir, manifest), manifest.shards):
     ids = [records_lib.decode_example(s).record_id for s in records_lib.iterate_shard(path)]
-    units_lib.write_units_shard(Path(units_dir) / units_lib.units_file_name(shard.file),
+    units_lib.write_units_shard(as_path(units_dir) / units_lib.units_file_name(shard.file),
                                 ((record_id, units_of(record_id)) for record_id in ids))
   units_lib.write_units_manifest(units_dir, units_lib.UnitsManifest(
       manifest.shards, list(vocab_sizes), 93, {"kind": "synthetic"}))

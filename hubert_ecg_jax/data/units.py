@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import pathlib
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
 
 from hubert_ecg_jax.data import records as records_lib
-from hubert_ecg_jax.files import read_json, write_json_atomic
+from hubert_ecg_jax.files import AnyPath, as_path, read_json, write_json_atomic
 
 UNITS_MANIFEST = "units.json"
 UNITS_FORMAT = "hubert-ecg-jax/units"
@@ -59,18 +58,18 @@ def units_file_name(records_shard: str) -> str:
 
 
 def write_units_manifest(directory: str | os.PathLike, manifest: UnitsManifest) -> None:
-  write_json_atomic(pathlib.Path(directory) / UNITS_MANIFEST, manifest.to_dict())
+  write_json_atomic(as_path(directory) / UNITS_MANIFEST, manifest.to_dict())
 
 
 def read_units_manifest(directory: str | os.PathLike) -> UnitsManifest:
-  path = pathlib.Path(directory) / UNITS_MANIFEST
+  path = as_path(directory) / UNITS_MANIFEST
   data = read_json(path, "a units directory written by `hubert-ecg-jax targets`")
   return UnitsManifest.from_dict(data, str(path))
 
 
 def matched_units(units_dir: str | os.PathLike, records_dir: str | os.PathLike,
                   records: records_lib.RecordsManifest | None = None
-                  ) -> tuple[UnitsManifest, list[pathlib.Path]]:
+                  ) -> tuple[UnitsManifest, list[AnyPath]]:
   """The units manifest and its shard files, one per records shard, after checking that they
   belong to these records (shard names and record counts) and that every shard is written."""
   records = records or records_lib.read_manifest(records_dir)
@@ -82,7 +81,7 @@ def matched_units(units_dir: str | os.PathLike, records_dir: str | os.PathLike,
                      f"records in {len(theirs)} shards) than {records_dir} ({records.num_records} "
                      f"records in {len(ours)} shards): write units for these records with "
                      "`hubert-ecg-jax targets`")
-  paths = [pathlib.Path(units_dir) / units_file_name(name) for name, _ in ours]
+  paths = [as_path(units_dir) / units_file_name(name) for name, _ in ours]
   missing = [p.name for p in paths if not p.is_file()]
   if missing:
     raise FileNotFoundError(f"{units_dir} is unfinished: {len(missing)} of {len(paths)} units shards "

@@ -13,12 +13,12 @@ import dataclasses
 import functools
 import multiprocessing
 import os
-import pathlib
 from collections import Counter
 from collections.abc import Callable
 
 from hubert_ecg_jax.data import records as records_lib
 from hubert_ecg_jax.data import units as units_lib
+from hubert_ecg_jax.files import AnyPath, as_path
 from hubert_ecg_jax.progress import progress_bar
 
 
@@ -56,7 +56,7 @@ def record_id_of_units(serialized: bytes, vocab_sizes: tuple[int, ...], frames: 
 
 def check_shard(path: str, expected: int, record_id: Callable[[bytes], str]) -> ShardCheck:
   """Reads and decodes every example of one shard; the first problem stops the check of it."""
-  check = ShardCheck(pathlib.Path(path).name, expected)
+  check = ShardCheck(as_path(path).name, expected)
   try:
     for serialized in records_lib.iterate_shard(path):
       check.record_ids.append(record_id(serialized))
@@ -73,7 +73,7 @@ def verify_records(directory: str | os.PathLike, workers: int | None = None,
                    progress: bool = True) -> tuple[list[ShardCheck], list[str]]:
   """(one check per shard, problems of the directory as a whole) of a records or a units
   directory; all empty means sound."""
-  directory = pathlib.Path(directory)
+  directory = as_path(directory)
   if (directory / units_lib.UNITS_MANIFEST).exists():
     units = units_lib.read_units_manifest(directory)
     decode = functools.partial(record_id_of_units, vocab_sizes=tuple(units.vocab_sizes),
@@ -103,7 +103,7 @@ def verify_records(directory: str | os.PathLike, workers: int | None = None,
   return checks, problems
 
 
-def _check_shards(directory: pathlib.Path, shards: list[records_lib.ShardInfo],
+def _check_shards(directory: AnyPath, shards: list[records_lib.ShardInfo],
                   decode: Callable[[bytes], str], workers: int | None, progress: bool
                   ) -> list[ShardCheck]:
   """Every shard checked, one process each, in the manifest's order."""

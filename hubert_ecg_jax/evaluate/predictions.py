@@ -17,7 +17,7 @@ from hubert_ecg_jax.config import STANDARD_LEADS
 from hubert_ecg_jax.data.preprocess import missing_standard_leads, prepare_record, reorder_leads
 from hubert_ecg_jax.evaluate.report import aggregate_crops
 from hubert_ecg_jax.evaluate.snomed import display_name, label_table, merge_equivalent, resolve_label
-from hubert_ecg_jax.files import output_folder
+from hubert_ecg_jax.files import AnyPath, output_folder
 from hubert_ecg_jax.hub import model_source
 from hubert_ecg_jax.inference import (Classifier, FileResult, classifier_logits_fn, list_input_files,
                                       load_classifier, record_windows, run_on_files)
@@ -143,7 +143,7 @@ class _Explainer:
     self.heat_label = (f"heat: |attribution| of {display_name(self.finding, descriptions)} "
                        f"({method.replace('_', ' ')})")
 
-  def explain(self, result: FileResult, entry: dict[str, Any], staging: pathlib.Path) -> np.ndarray:
+  def explain(self, result: FileResult, entry: dict[str, Any], staging: AnyPath) -> np.ndarray:
     """Saves attributions/ID.npy, adds the per-lead summary to `entry`; returns the record's heat."""
     record = result.record
     prepared = prepare_record(record.signal, record.fs, lead_names=record.lead_names,
@@ -152,7 +152,8 @@ class _Explainer:
     values = self.runner(self.params, x, mask)  # (windows, 6000)
     path = staging / "attributions" / f"{_safe_name(result.record_id)}.npy"
     path.parent.mkdir(exist_ok=True)
-    np.save(path, lead_attributions(values).astype(np.float32))
+    with path.open("wb") as stream:
+      np.save(stream, lead_attributions(values).astype(np.float32))
     shares = lead_shares(values).mean(axis=0)  # (12,)
     entry["explanation"] = {
         "finding": self.finding, "method": self.method,

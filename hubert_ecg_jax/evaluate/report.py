@@ -15,6 +15,7 @@ import numpy as np
 
 from hubert_ecg_jax.evaluate.bootstrap import LabelBootstrap, bootstrap_label_ci
 from hubert_ecg_jax.evaluate.metrics import MultilabelMetrics, jsonable, multilabel_metrics
+from hubert_ecg_jax.files import AnyPath, UrlPath, as_path
 
 CROP_AGGREGATIONS = ("mean", "max")
 # Per-label columns of the CSV and the table, in order; @tuned ones appear with tuned thresholds.
@@ -62,9 +63,9 @@ def evaluate_multilabel(y_true: Any, y_score: Any, label_names: Sequence[str] | 
   return MultilabelEvaluation(metrics, intervals)
 
 
-def write_json(result: Any, path: str | pathlib.Path) -> pathlib.Path:
+def write_json(result: Any, path: str | pathlib.Path | UrlPath) -> AnyPath:
   """Writes a result (any of this package's dataclasses, or plain data) as JSON; NaN as null."""
-  path = pathlib.Path(path)
+  path = as_path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text(json.dumps(jsonable(result), indent=2, allow_nan=False) + "\n")
   return path
@@ -117,10 +118,10 @@ def csv_rows(evaluation: MultilabelEvaluation,
   return rows
 
 
-def write_csv(evaluation: MultilabelEvaluation, path: str | pathlib.Path,
-              findings: Mapping[str, tuple[str, str]] | None = None) -> pathlib.Path:
+def write_csv(evaluation: MultilabelEvaluation, path: str | pathlib.Path | UrlPath,
+              findings: Mapping[str, tuple[str, str]] | None = None) -> AnyPath:
   """Writes the per-label rows and the macro row as CSV; undefined values are written `nan`."""
-  path = pathlib.Path(path)
+  path = as_path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   with path.open("w", newline="") as stream:
     writer = csv.DictWriter(stream, fieldnames=_columns(evaluation, findings is not None), restval="")

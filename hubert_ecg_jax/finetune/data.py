@@ -15,6 +15,7 @@ import numpy as np
 
 from hubert_ecg_jax.data import ingest, records as records_lib
 from hubert_ecg_jax.data.pipeline import make_labels_iterator
+from hubert_ecg_jax.files import AnyPath, as_path
 from hubert_ecg_jax.progress import progress_bar
 
 SOURCES = ("records", "split_csv", "tfds")
@@ -64,13 +65,13 @@ _WHAT = {"records": "a records directory written by `hubert-ecg-jax preprocess`"
 
 
 def resolve_splits(config: DataConfig, workdir: str | os.PathLike, progress: bool = True
-                   ) -> dict[str, pathlib.Path]:
+                   ) -> dict[str, AnyPath]:
   """Split name -> records directory, preparing split CSVs and TFDS splits into `workdir/data`."""
-  workdir = pathlib.Path(workdir)
+  workdir = as_path(workdir)
   resolved = {}
   for split, value in config.splits().items():
     if config.source == "records":
-      resolved[split] = pathlib.Path(value)
+      resolved[split] = as_path(value)
       records_lib.shard_paths(value)  # a complete directory, or a clear error now
     elif config.source == "split_csv":
       resolved[split] = materialise_split_csv(

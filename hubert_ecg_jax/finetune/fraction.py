@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from hubert_ecg_jax.data import records as records_lib
+from hubert_ecg_jax.files import as_path
 from hubert_ecg_jax.finetune.data import _reusable, read_labels
 
 
@@ -83,7 +84,7 @@ def subset_training_split(train_dir: pathlib.Path, task: Any, labels: np.ndarray
   ids, _, _ = read_labels(train_dir)
   chosen = stratified_fraction(task_strata(task, task.targets(labels, column_names)), fraction, seed)
   directory = workdir / "data" / f"train_fraction-{fraction:g}-seed{seed}"
-  job = {"source": "train_fraction", "train": str(pathlib.Path(train_dir).absolute()),
+  job = {"source": "train_fraction", "train": str(as_path(train_dir).absolute()),
          "fraction": fraction, "seed": seed, "records": len(chosen)}
   if not _reusable(directory, job):
     wanted = {ids[i] for i in chosen}

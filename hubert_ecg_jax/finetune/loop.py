@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from hubert_ecg_jax.data.pipeline import PipelineConfig, make_train_iterator
 from hubert_ecg_jax.data.records import read_manifest
+from hubert_ecg_jax.files import as_path
 from hubert_ecg_jax.finetune.config import FinetuneSettings
 from hubert_ecg_jax.finetune.freezing import finetune_optimizer
 from hubert_ecg_jax.finetune.linear_probe import linear_probe
@@ -70,7 +71,7 @@ class EarlyStopping:
 def finetune(settings: FinetuneSettings, workdir: str | pathlib.Path,
              print_fn: Callable[[str], None] = tqdm.write) -> FinetuneResult:
   """Runs (or resumes) a fine-tuning job in `workdir` (see the module docstring)."""
-  workdir = pathlib.Path(workdir)
+  workdir = as_path(workdir)
   with hold_run_directory(workdir):
     return _finetune(settings, workdir, print_fn)
 

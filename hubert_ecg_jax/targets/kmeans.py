@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import json
 import math
 import pathlib
@@ -16,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hubert_ecg_jax.files import UrlPath, as_path, atomic_path
 from hubert_ecg_jax.progress import progress_bar
 
 VectorSource = Callable[[], Iterable[np.ndarray]]
@@ -64,7 +66,7 @@ def npy_source(paths: Sequence[str | pathlib.Path], chunk_rows: int = 65536,
   With `shuffle_seed`, file order and the rows inside each file are permuted, the same way on every
   pass; each file is then read whole, otherwise it is memory-mapped and read chunk by chunk.
   """
-  paths = [pathlib.Path(p) for p in paths]
+  paths = [as_path(p) for p in paths]
   if not paths:
     raise ValueError("npy_source needs at least one .npy file, got none")
 
@@ -72,7 +74,7 @@ def npy_source(paths: Sequence[str | pathlib.Path], chunk_rows: int = 65536,
     rng = np.random.default_rng(shuffle_seed)
     order = rng.permutation(len(paths)) if shuffle_seed is not None else range(len(paths))
     for index in order:
-      array = np.load(paths[index], mmap_mode=None if shuffle_seed is not None else "r")
+      array = _load_npy(paths[index], memory_map=shuffle_seed is None)
       if array.ndim < 2:
         raise ValueError(f"{paths[index]}: expected an array of shape (..., dim), got {array.shape}")
       rows = array.reshape(-1, array.shape[-1])
@@ -81,6 +83,13 @@ def npy_source(paths: Sequence[str | pathlib.Path], chunk_rows: int = 65536,
       for start in range(0, len(rows), chunk_rows):
         yield np.asarray(rows[start:start + chunk_rows])
   return chunks
+
+
+def _load_npy(path: pathlib.Path | UrlPath, memory_map: bool) -> np.ndarray:
+  """The array of a `.npy` file; memory-mapped if asked and the file is local (a URL is read whole)."""
+  if isinstance(path, UrlPath):
+    return np.load(io.BytesIO(path.read_bytes()), allow_pickle=False)
+  return np.load(path, mmap_mode="r" if memory_map else None)
 
 
 def _as_source(data: np.ndarray | VectorSource, chunk_rows: int) -> VectorSource:
@@ -302,19 +311,22 @@ class KMeansModel:
 
   def save(self, path: str | pathlib.Path) -> None:
     """Write the model to an `.npz` file (centres, normalisation, counts, SSE, history, settings)."""
-    np.savez(path, centers=self.centers, normalize=np.bool_(self.normalize), counts=self.counts,
+    buffer = io.BytesIO()  # zip archives seek back while writing: built in memory, then written once
+    np.savez(buffer, centers=self.centers, normalize=np.bool_(self.normalize), counts=self.counts,
              inertia=np.float64(self.inertia), history=np.asarray(self.history, np.float64),
              config_json=np.str_(json.dumps(dataclasses.asdict(self.config))))
+    with atomic_path(path) as staging:
+      staging.write_bytes(buffer.getvalue())
 
   @classmethod
   def load(cls, path: str | pathlib.Path) -> KMeansModel:
     """Read a model written by `save`."""
-    path = pathlib.Path(path)
+    path = as_path(path)
     if not path.is_file():
       raise FileNotFoundError(f"k-means model {path} not found")
     expected = "expected an .npz archive written by KMeansModel.save"
     try:
-      saved = np.load(path, allow_pickle=False)
+      saved = np.load(io.BytesIO(path.read_bytes()), allow_pickle=False)
     except ValueError:  # numpy's guess for content that is neither .npy nor .npz: pickled data
       raise ValueError(f"{path}: not a k-means model file: {expected}, found neither an .npz "
                        "archive nor a .npy array") from None
@@ -388,7 +400,7 @@ def sweep_k(data: np.ndarray | VectorSource, ks: Iterable[int], config: KMeansCo
   for k in progress_bar(sorted(set(ks)), desc="K sweep", disable=not progress):
     model = fit_kmeans(data, dataclasses.replace(config, k=k), progress=progress)
     if save_dir is not None:
-      model.save(pathlib.Path(save_dir) / f"kmeans_k{k}.npz")
+      model.save(as_path(save_dir) / f"kmeans_k{k}.npz")
     sse[k] = model.inertia
   return sse
 
@@ -404,7 +416,7 @@ def format_sweep_table(sse: dict[int, float]) -> str:
   return "\n".join(lines)
 
 
-def plot_elbow(sse: dict[int, float], path: str | pathlib.Path, title: str = "k-means elbow") -> None:
+def plot_elbow(sse: dict[int, float], path: str | pathlib.Path | UrlPath, title: str = "k-means elbow") -> None:
   """Save the SSE-against-K figure (the paper's Supplementary Figure 1) as a PNG."""
   import matplotlib
   matplotlib.use("Agg")
@@ -417,5 +429,6 @@ def plot_elbow(sse: dict[int, float], path: str | pathlib.Path, title: str = "k-
   axes.set_title(title)
   axes.grid(alpha=0.3)
   figure.tight_layout()
-  figure.savefig(path, dpi=120)
+  with atomic_path(path) as staging, staging.open("wb") as file:
+    figure.savefig(file, format="png", dpi=120)
   plt.close(figure)

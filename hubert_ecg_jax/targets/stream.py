@@ -12,7 +12,6 @@ import functools
 import math
 import multiprocessing
 import os
-import pathlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -25,7 +24,7 @@ from hubert_ecg_jax.data import units as units_lib
 from hubert_ecg_jax.data.ingest import file_digest
 from hubert_ecg_jax.data.online import fast_model_inputs
 from hubert_ecg_jax.data.preprocess import crop_window
-from hubert_ecg_jax.files import output_folder, write_json_atomic
+from hubert_ecg_jax.files import AnyPath, as_path, output_folder, write_json_atomic
 from hubert_ecg_jax.progress import progress_bar
 from hubert_ecg_jax.run_lock import hold_directory, holds_directory
 from hubert_ecg_jax.targets.features import FEATURE_SETS, frame_features, num_frames
@@ -48,7 +47,7 @@ def _handmade(x: np.ndarray, mask: np.ndarray, feature_set: str) -> np.ndarray:
   return frame_features(x, feature_set)
 
 
-def _first_window_batches(shard: pathlib.Path, batch_size: int,
+def _first_window_batches(shard: AnyPath, batch_size: int,
                           keep: Callable[[int], bool] = lambda position: True
                           ) -> Iterator[tuple[list[str], np.ndarray, np.ndarray]]:
   """(ids, x (b, 6000), attention mask (b, 6000)) of the first 5 s of the records of `shard`
@@ -68,7 +67,7 @@ def _first_window_batches(shard: pathlib.Path, batch_size: int,
     yield ids, *fast_model_inputs(np.stack(windows))  # = model_inputs, bit for bit
 
 
-def _checked(values: np.ndarray, ids: list[str], shard: pathlib.Path) -> np.ndarray:
+def _checked(values: np.ndarray, ids: list[str], shard: AnyPath) -> np.ndarray:
   if not np.all(np.isfinite(values)):
     raise ValueError(f"non-finite features for records {ids} of {shard}")
   return values
@@ -103,10 +102,11 @@ def sample_features(records_dir: str | os.PathLike, out_dir: str | os.PathLike, 
   rows = np.concatenate(parts).reshape(-1, parts[0].shape[-1])  # (drawn * frames, dim)
   if len(rows) > frames:
     rows = rows[np.sort(rng.choice(len(rows), frames, replace=False))]
-  summary = {"records_dir": str(pathlib.Path(records_dir).resolve()), "source": description,
+  summary = {"records_dir": str(as_path(records_dir).resolve()), "source": description,
              "seed": seed, "records_drawn": drawn, "frames": len(rows), "dim": rows.shape[1]}
   with output_folder(out_dir, overwrite) as staging:
-    np.save(staging / SAMPLE_FILE, rows)
+    with (staging / SAMPLE_FILE).open("wb") as file:
+      np.save(file, rows)
     write_json_atomic(staging / SAMPLE_MANIFEST, summary)
   return summary
 
@@ -118,14 +118,14 @@ def _units_manifest(records: records_lib.RecordsManifest, records_dir: str | os.
     if model.k > units_lib.MAX_VOCAB:
       raise ValueError(f"k-means model {path} has K = {model.k}; units are stored as int16, so K "
                        f"must be at most {units_lib.MAX_VOCAB}")
-  source = {"records_dir": str(pathlib.Path(records_dir).resolve()), "features": description,
+  source = {"records_dir": str(as_path(records_dir).resolve()), "features": description,
             "kmeans": [str(p) for p in kmeans_paths],
-            "kmeans_sha256": [file_digest(pathlib.Path(p)) for p in kmeans_paths]}
+            "kmeans_sha256": [file_digest(as_path(p)) for p in kmeans_paths]}
   return units_lib.UnitsManifest(records.shards, [m.k for m in models],
                                  num_frames(MODEL_INPUT_LENGTH), source)
 
 
-def _shard_units(path: pathlib.Path, features: FeatureFn, models: Sequence[KMeansModel],
+def _shard_units(path: AnyPath, features: FeatureFn, models: Sequence[KMeansModel],
                  batch_size: int, done: Callable[[int], Any] = lambda count: None
                  ) -> Iterator[tuple[str, np.ndarray]]:
   """(record id, units (codebooks, frames)) of every record of one records shard, in its order;
@@ -146,7 +146,7 @@ def _use_host_cpu() -> None:
   jax.config.update("jax_platforms", "cpu")
 
 
-def _write_units_shard(path: pathlib.Path, target: pathlib.Path, features: FeatureFn,
+def _write_units_shard(path: AnyPath, target: AnyPath, features: FeatureFn,
                        kmeans_paths: Sequence[str | os.PathLike], batch_size: int) -> int:
   """One units shard, in a worker process."""
   models = [KMeansModel.load(p) for p in kmeans_paths]
@@ -166,7 +166,7 @@ def write_units(records_dir: str | os.PathLike, units_dir: str | os.PathLike, fe
     raise ValueError(f"need 0 <= process_index < process_count, batch_size >= 1 and workers >= 1, "
                      f"found {process_index}, {process_count}, {batch_size}, {workers}")
   with hold_directory(units_dir, take=process_index == 0):  # process 0 holds it for all
-    units_dir = pathlib.Path(units_dir)
+    units_dir = as_path(units_dir)
     if not kmeans_paths:
       raise ValueError("at least one k-means model is needed")
     records = records_lib.read_manifest(records_dir)

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import pathlib
-import shutil
-import tempfile
 import warnings
 from typing import Any
 
@@ -19,6 +16,8 @@ from orbax.checkpoint import v1 as ocp
 
 from hubert_ecg_jax.config import HubertECGConfig
 from hubert_ecg_jax.data.pipeline import DataPositionMismatch
+from hubert_ecg_jax.files import (AnyPath, as_path, move, orbax_path, remove_tree,
+                                  write_text_atomic)
 from hubert_ecg_jax.model_dir import PARAMS_DIR, save_model, write_config_and_metadata
 from hubert_ecg_jax.parallel import host_copy
 
@@ -28,7 +27,7 @@ BEST_METRIC = "val_loss"
 PAUSE_SAVE_ENV = "HUBERT_ECG_JAX_TEST_PAUSE_SAVE"  # tests only: see `_pause_for_tests`
 
 
-async def _pause_for_tests(step: int | None, checkpoint: pathlib.Path) -> None:
+async def _pause_for_tests(step: int | None, checkpoint: AnyPath) -> None:
   """Test hook, off unless HUBERT_ECG_JAX_TEST_PAUSE_SAVE=STEP:MARKER is set: the save of STEP writes
   the path of `checkpoint` (its temporary directory) to the file MARKER, then waits until MARKER is
   deleted, before the staged data position moves in and Orbax commits the directory. Tests kill or
@@ -41,9 +40,7 @@ async def _pause_for_tests(step: int | None, checkpoint: pathlib.Path) -> None:
     raise ValueError(f"{PAUSE_SAVE_ENV} must be STEP:MARKER_PATH, found {setting!r}")
   if step != int(at):
     return
-  staged = pathlib.Path(f"{marker}.tmp")
-  staged.write_text(str(checkpoint))
-  os.replace(staged, marker)
+  write_text_atomic(marker, str(checkpoint))
   while os.path.exists(marker):
     await asyncio.sleep(0.01)
 
@@ -64,32 +61,39 @@ class DataPosition:
     self.step: int | None = None  # the step being saved, set by `CheckpointManager.save`
     # The source refused the saved position as another pipeline's (Orbax hides why a load failed).
     self.mismatch: DataPositionMismatch | None = None
+    self.staging: AnyPath | None = None  # where to capture the position, set by the manager too
 
   @staticmethod
   def _name() -> str:
     return f"process_{jax.process_index()}"
 
   async def save(self, directory: Any) -> Any:
-    # Capture the position now (the iterator moves on once this returns), write it out later.
-    staging = pathlib.Path(tempfile.mkdtemp(prefix="data-position-"))
+    # Capture the position now (the iterator moves on once this returns), write it out later, from
+    # a hidden folder with a fixed name in the checkpoints directory: a kill leaves it to the next
+    # save to replace, not to the temporary folder of the machine.
+    if self.staging is None:
+      raise ValueError("the data position is saved by CheckpointManager.save, which sets its staging")
+    staging = self.staging / f".data-position-{self._name()}"
+    remove_tree(staging)
+    staging.mkdir(parents=True)
     try:
       self._save(str(staging / "position"))
     except BaseException:
-      shutil.rmtree(staging, ignore_errors=True)
+      remove_tree(staging)
       raise
 
     async def finish() -> None:
       try:
-        target = pathlib.Path(await directory.await_creation()) / self._name()
+        target = as_path(str(await directory.await_creation())) / self._name()
         await _pause_for_tests(self.step, target.parent.parent)
-        shutil.move(str(staging), str(target))
+        move(staging, target)
       finally:
-        shutil.rmtree(staging, ignore_errors=True)  # gone already when the move succeeded
+        remove_tree(staging)  # gone already when the move succeeded
 
     return finish()
 
   async def load(self, directory: Any) -> Any:
-    path = pathlib.Path(directory) / self._name() / "position"
+    path = as_path(str(directory)) / self._name() / "position"
 
     async def finish() -> None:
       if not path.parent.is_dir():
@@ -112,7 +116,7 @@ def abstract_like(tree: Any, sharding: Sharding) -> Any:
 class CheckpointManager:
   """Periodic checkpoints of a training run under `directory`, keep-last-N plus best-by-val-loss."""
 
-  def __init__(self, directory: str | pathlib.Path, keep_last: int = 3, keep_best: int = 1):
+  def __init__(self, directory: str | os.PathLike | AnyPath, keep_last: int = 3, keep_best: int = 1):
     if keep_last < 1:
       raise ValueError(f"keep_last must be >= 1 (the latest checkpoint is needed to resume), "
                        f"got {keep_last}")
@@ -123,11 +127,11 @@ class CheckpointManager:
     if keep_best:
       keep.append(policies.BestN(get_metric_fn=lambda metrics: metrics[BEST_METRIC], reverse=True,
                                  n=keep_best, keep_checkpoints_without_metrics=False))
-    self.directory = pathlib.Path(directory).absolute()
+    self.directory = as_path(directory).absolute()
     self.restored_step: int | None = None  # the step the last `restore` read
     self._unreadable: set[int] = set()  # steps a restore could not read: saving them rewrites them
     self._checkpointer = ocp.training.Checkpointer(
-        self.directory, preservation_policy=policies.AnyPreservationPolicy(keep))
+        orbax_path(self.directory), preservation_policy=policies.AnyPreservationPolicy(keep))
 
   @property
   def steps(self) -> list[int]:
@@ -175,7 +179,7 @@ class CheckpointManager:
       return False
     items = {STATE: state}
     if data_position is not None:
-      data_position.step = step
+      data_position.step, data_position.staging = step, self.directory
       items[DATA] = data_position
     metrics = None if val_loss is None else {BEST_METRIC: float(val_loss)}
     return self._checkpointer.save_checkpointables(step, items, metrics=metrics, force=True)
@@ -222,8 +226,8 @@ class CheckpointManager:
     self._checkpointer.close()
 
 
-def export_model(directory: str | pathlib.Path, config: HubertECGConfig, params: Any,
-                 metadata: dict[str, Any] | None = None) -> pathlib.Path | None:
+def export_model(directory: str | os.PathLike | AnyPath, config: HubertECGConfig, params: Any,
+                 metadata: dict[str, Any] | None = None) -> AnyPath | None:
   """Writes the params as a finished model (the format of `model_dir.save_model`) for fine-tuning.
 
   Every process must call it. On one process this is `save_model`; on several, all take part in
@@ -233,17 +237,17 @@ def export_model(directory: str | pathlib.Path, config: HubertECGConfig, params:
   host_params = host_copy(params)
   if jax.process_count() == 1:
     return save_model(directory, config, host_params, metadata=metadata, overwrite=True)
-  directory = pathlib.Path(directory).absolute()
+  directory = as_path(directory).absolute()
   staging = directory.parent / f".{directory.name}.export"  # the same path on every process
   primary = jax.process_index() == 0
   if primary:
-    shutil.rmtree(staging, ignore_errors=True)
+    remove_tree(staging)
     staging.mkdir(parents=True)
   multihost_utils.sync_global_devices("export_model:staging")
-  ocp.save_pytree(staging / PARAMS_DIR, host_params)
+  ocp.save_pytree(orbax_path(staging / PARAMS_DIR), host_params)
   if primary:
     write_config_and_metadata(staging, config, metadata)
-    shutil.rmtree(directory, ignore_errors=True)
-    os.replace(staging, directory)
+    remove_tree(directory)
+    move(staging, directory)
   multihost_utils.sync_global_devices("export_model:done")
   return directory if primary else None

@@ -15,6 +15,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from hubert_ecg_jax.data.pipeline import SKIPPED
+from hubert_ecg_jax.files import as_path
 from hubert_ecg_jax.parallel import DevicePrefetch, Launcher, host_copy
 from hubert_ecg_jax.progress import progress_bar
 from hubert_ecg_jax.train.checkpointing import CheckpointManager, DataPosition, abstract_like
@@ -153,7 +154,7 @@ class Engine:
     and the iterator may have `check_damage()`, called before each checkpoint (see
     `data.pipeline.BatchIterator`).
     """
-    workdir = pathlib.Path(workdir)
+    workdir = as_path(workdir)
     manager = CheckpointManager(workdir / "checkpoints", self.config.keep_last, self.config.keep_best)
     writer = MetricsWriter(workdir / "tensorboard", self.print)
     try:

@@ -4,10 +4,12 @@ Only process 0 writes, so a multi-host run logs once.
 """
 from __future__ import annotations
 
-import pathlib
-from typing import Callable, Mapping
+import os
+from typing import Any, Callable, Mapping
 
 import jax
+
+from hubert_ecg_jax.files import AnyPath, UrlPath, as_path
 
 
 def format_metrics(step: int, metrics: Mapping[str, float], prefix: str) -> str:
@@ -16,17 +18,30 @@ def format_metrics(step: int, metrics: Mapping[str, float], prefix: str) -> str:
   return f"[{prefix}] step {step}: " + ", ".join(parts)
 
 
+class _UrlEventFiles:
+  """tensorboardX's writer factory for event files at URLs: streams through `UrlPath.open`."""
+
+  def open(self, path: str) -> Any:
+    return as_path(path).open("wb")
+
+  def directory_check(self, path: str) -> None:
+    as_path(path).mkdir(parents=True, exist_ok=True)
+
+
 class MetricsWriter:
   """Writes scalar metrics under `train/...` and `val/...` tags to stdout and TensorBoard."""
 
-  def __init__(self, log_dir: str | pathlib.Path | None, print_fn: Callable[[str], None] = print):
+  def __init__(self, log_dir: str | os.PathLike | AnyPath | None, print_fn: Callable[[str], None] = print):
     self._active = jax.process_index() == 0
     self._print = print_fn
     self._writer = None
     if self._active and log_dir is not None:
-      from tensorboardX import SummaryWriter
+      from tensorboardX import SummaryWriter, record_writer
 
-      pathlib.Path(log_dir).mkdir(parents=True, exist_ok=True)
+      log_dir = as_path(log_dir)
+      if isinstance(log_dir, UrlPath):  # event files through the path layer, not tensorboardX's own
+        record_writer.register_writer_factory(log_dir.scheme, _UrlEventFiles())
+      log_dir.mkdir(parents=True, exist_ok=True)
       self._writer = SummaryWriter(str(log_dir))
 
   def write(self, step: int, metrics: Mapping[str, float], prefix: str) -> None:
