@@ -2,10 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import time
-
-from hubert_ecg_jax.files import AnyPath, as_path, write_json_atomic, write_text_atomic
 
 
 def register(subparsers) -> None:
@@ -45,22 +41,6 @@ def register(subparsers) -> None:
   p.set_defaults(func=run)
 
 
-def _feature_files(paths: list[str]) -> list[AnyPath]:
-  files: list[AnyPath] = []
-  for name in paths:
-    path = as_path(name)
-    if path.is_dir():
-      found = sorted(path.rglob("*.npy"))
-      if not found:
-        raise FileNotFoundError(f"no .npy files under {path}")
-      files.extend(found)
-    elif path.is_file() and path.suffix == ".npy":
-      files.append(path)
-    else:
-      raise FileNotFoundError(f"{path} is neither a directory nor a .npy file")
-  return files
-
-
 def _parse_sweep(text: str) -> list[int]:
   try:
     return [int(k) for k in text.split(",") if k.strip()]
@@ -69,38 +49,13 @@ def _parse_sweep(text: str) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> int:
-  from hubert_ecg_jax.targets.kmeans import (KMeansConfig, KMeansModel, format_sweep_table,
-                                             npy_source, plot_elbow, sweep_k)
+  from hubert_ecg_jax.targets.cluster import cluster_features, feature_files
+  from hubert_ecg_jax.targets.kmeans import KMeansConfig
 
-  files = _feature_files(args.features)
-  sweep = _parse_sweep(args.sweep)
-  out = as_path(args.out)
-  if (out / "summary.json").exists() and not args.overwrite:
-    raise FileExistsError(f"{out} already holds a clustering run; pass --overwrite to replace it")
-  out.mkdir(parents=True, exist_ok=True)
   config = KMeansConfig(k=args.k, normalize=args.normalize, batch_size=args.batch_size,
                         minibatch_epochs=args.minibatch_epochs, lloyd_iters=args.iters, tol=args.tol,
                         init_sample=args.init_sample, n_init=args.n_init,
                         block_rows=args.block_rows, seed=args.seed)
-  source = npy_source(files, chunk_rows=args.block_rows,
-                      shuffle_seed=None if args.no_shuffle else args.seed)
-  started = time.perf_counter()
-  sse = sweep_k(source, [args.k, *sweep], config, save_dir=out, progress=True)
-  seconds = time.perf_counter() - started
-  model = KMeansModel.load(out / f"kmeans_k{args.k}.npz")
-  summary = {
-      "features": [str(f) for f in files], "vectors": int(model.counts.sum()), "dim": model.dim,
-      "k": model.k, "model": f"kmeans_k{args.k}.npz", "inertia": model.inertia,
-      "empty_clusters": int((model.counts == 0).sum()), "lloyd_sse_history": list(model.history),
-      "config": dataclasses.asdict(config), "sweep_sse": {str(k): v for k, v in sse.items()},
-      "seconds": round(seconds, 3)}
-  if len(sse) > 1:
-    table = format_sweep_table(sse)
-    write_text_atomic(out / "sweep.txt", table + "\n")
-    plot_elbow(sse, out / "elbow.png", title=f"k-means SSE against K ({model.dim}-dim features)")
-    print(table)
-  write_json_atomic(out / "summary.json", summary)
-  print(f"k-means K={model.k} on {summary['vectors']} vectors of dim {model.dim}: SSE "
-        f"{model.inertia:.6g}, {summary['empty_clusters']} empty clusters, {seconds:.1f} s -> "
-        f"{out / summary['model']}")
+  cluster_features(feature_files(args.features), args.out, config, _parse_sweep(args.sweep),
+                   shuffle=not args.no_shuffle, overwrite=args.overwrite)
   return 0
