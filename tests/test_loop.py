@@ -17,7 +17,7 @@ from hubert_ecg_jax.parallel import DevicePrefetch
 from hubert_ecg_jax.train.checkpointing import CheckpointManager
 from hubert_ecg_jax.train.engine import Engine
 from hubert_ecg_jax.train.loop import LoopConfig, Pretrainer
-from hubert_ecg_jax.train.masking import sample_span_mask
+from hubert_ecg_jax.data.masking import sample_span_mask
 from hubert_ecg_jax.train.optimizer import OptimizerConfig
 
 from conftest import pretrain_data, units_dir, write_tiny_records

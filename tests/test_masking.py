@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers.models.hubert.modeling_hubert import _compute_mask_indices
 
-from hubert_ecg_jax.train.masking import sample_span_mask
+from hubert_ecg_jax.data.masking import sample_span_mask
 
 
 def _right_padded_mask(lengths: list[int], frames: int) -> np.ndarray:

@@ -23,7 +23,7 @@ from hubert_ecg_jax.devtools.torch_reference import ecg_like_batch, make_referen
 from hubert_ecg_jax.model import HubertECG, frame_mask_from_attention_mask
 from hubert_ecg_jax.parallel import MeshLauncher
 from hubert_ecg_jax.pretrained import params_from_state_dict
-from hubert_ecg_jax.train.masking import sample_span_mask
+from hubert_ecg_jax.data.masking import sample_span_mask
 from hubert_ecg_jax.train.state import create_train_state
 from hubert_ecg_jax.train.step import make_eval_step, make_train_step
 

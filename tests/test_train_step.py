@@ -10,7 +10,7 @@ from jax.sharding import PartitionSpec as P
 from hubert_ecg_jax.config import HubertECGConfig
 from hubert_ecg_jax.model import HubertECG
 from hubert_ecg_jax.parallel import data_mesh, make_launcher
-from hubert_ecg_jax.train.masking import sample_span_mask
+from hubert_ecg_jax.data.masking import sample_span_mask
 from hubert_ecg_jax.train.optimizer import OptimizerConfig, make_optimizer
 from hubert_ecg_jax.train.state import create_train_state, init_params, next_iteration_params
 from hubert_ecg_jax.train.step import dropout_key, make_eval_step, make_train_step

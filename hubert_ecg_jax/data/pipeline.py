@@ -19,7 +19,7 @@ from hubert_ecg_jax.data.records import CorruptShardError
 from hubert_ecg_jax.data.online import fast_model_inputs
 from hubert_ecg_jax.data.preprocess import WINDOW_SAMPLES
 from hubert_ecg_jax.files import as_path
-from hubert_ecg_jax.train.masking import sample_span_mask
+from hubert_ecg_jax.data.masking import sample_span_mask
 
 _EPOCH_SEED_STRIDE = 1_000_003
 SKIPPED = "skipped_records"  # batch key with `skip_corrupted`: damaged records left out before it

@@ -18,7 +18,7 @@ from hubert_ecg_jax.devtools.bench_forward import measure, time_call
 from hubert_ecg_jax.devtools.flops import train_step_flops
 from hubert_ecg_jax.model import HubertECG
 from hubert_ecg_jax.parallel import MeshLauncher
-from hubert_ecg_jax.train.masking import sample_span_mask
+from hubert_ecg_jax.data.masking import sample_span_mask
 from hubert_ecg_jax.train.optimizer import OptimizerConfig, make_optimizer
 from hubert_ecg_jax.train.state import create_train_state, init_params
 from hubert_ecg_jax.train.step import make_eval_step, make_train_step

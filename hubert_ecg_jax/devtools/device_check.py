@@ -38,7 +38,7 @@ from hubert_ecg_jax.inference import strip_pretraining_heads
 from hubert_ecg_jax.model import HubertECG
 from hubert_ecg_jax.parallel import DevicePrefetch, MeshLauncher
 from hubert_ecg_jax.train.checkpointing import CheckpointManager, abstract_like
-from hubert_ecg_jax.train.masking import sample_span_mask
+from hubert_ecg_jax.data.masking import sample_span_mask
 from hubert_ecg_jax.train.optimizer import make_optimizer
 from hubert_ecg_jax.train.state import create_train_state, init_params
 from hubert_ecg_jax.train.step import make_eval_step, make_train_step
