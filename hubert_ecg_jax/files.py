@@ -65,9 +65,6 @@ class UrlPath:
   def __truediv__(self, name: str | os.PathLike) -> UrlPath:
     return UrlPath(f"{self}/{os.fspath(name)}")
 
-  def joinpath(self, *names: str) -> UrlPath:
-    return UrlPath(posixpath.join(str(self), *names))
-
   @property
   def name(self) -> str:
     return posixpath.basename(self.key)
@@ -83,9 +80,6 @@ class UrlPath:
   @property
   def parent(self) -> UrlPath:
     return UrlPath(f"{self.scheme}://{posixpath.dirname(self.key)}")
-
-  def with_name(self, name: str) -> UrlPath:
-    return self.parent / name
 
   def with_suffix(self, suffix: str) -> UrlPath:
     return self.parent / pathlib.PurePosixPath(self.name).with_suffix(suffix).name
