@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hubert_ecg_jax.data.preprocess import DECIMATION_FACTOR, MODEL_FS, STANDARD_LEADS
+from hubert_ecg_jax.evaluate.snomed import resolve_label
 from hubert_ecg_jax.lead_subsets import SAMPLES_PER_LEAD
 
 METHODS = ("integrated_gradients", "gradient_x_input")
@@ -93,8 +94,6 @@ def attribute(classifier: Any, x: Any, mask: Any, finding: str | int,
   """Attributions of `finding` (an output name, its SNOMED abbreviation or name, or an index) of a
   `inference.Classifier` for model inputs x, mask (B, 6000) (`preprocess_ecg` / `model_inputs`);
   `baseline` (B, 6000) or (6000,) defaults to zeros."""
-  from hubert_ecg_jax.evaluate.snomed import resolve_label
-
   names = list(classifier.task.output_names)
   descriptions = classifier.metadata.get("label_descriptions")
   index = finding if isinstance(finding, int) else resolve_label(finding, names, descriptions)

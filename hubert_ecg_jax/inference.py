@@ -24,7 +24,7 @@ from hubert_ecg_jax.data.readers import (HDF5_EXTENSIONS, find_hdf5_files, find_
                                          read_code15_hdf5, read_record)
 from hubert_ecg_jax.data.records import MANIFEST_NAME, read_manifest
 from hubert_ecg_jax.files import AnyPath, as_path, atomic_path
-from hubert_ecg_jax.finetune.tasks import Task
+from hubert_ecg_jax.tasks import Task
 from hubert_ecg_jax.hub import model_source, resolve_model
 from hubert_ecg_jax.layers import cast_kernels
 from hubert_ecg_jax.model import HubertECG

@@ -14,7 +14,7 @@ from hubert_ecg_jax.classifier import HubertECGForClassification
 from hubert_ecg_jax.config import HubertECGConfig
 from hubert_ecg_jax.data.preprocess import STANDARD_LEADS, model_inputs, prepare_record, crop_window
 from hubert_ecg_jax.data.readers import read_record
-from hubert_ecg_jax.finetune.tasks import Task
+from hubert_ecg_jax.tasks import Task
 from hubert_ecg_jax.inference import Classifier
 
 NAMES = ("164889003", "426783006", "59118001")  # AF, sinus rhythm, RBBB

@@ -17,7 +17,7 @@ from hubert_ecg_jax.config import HubertECGConfig
 from hubert_ecg_jax.data.preprocess import STANDARD_LEADS
 from hubert_ecg_jax.data.readers import read_record
 from hubert_ecg_jax.evaluate import snomed
-from hubert_ecg_jax.finetune.tasks import Task
+from hubert_ecg_jax.tasks import Task
 from hubert_ecg_jax.inference import classifier_metadata, load_classifier
 from hubert_ecg_jax.model_dir import save_model
 from test_inference_commands import run  # noqa: F401  (the fine-tuned tiny model, a fixture)

@@ -12,7 +12,7 @@ from hubert_ecg_jax.classifier import HubertECGForClassification
 from hubert_ecg_jax.config import HubertECGConfig
 from hubert_ecg_jax.finetune import freezing, losses
 from hubert_ecg_jax.finetune.step import make_train_step
-from hubert_ecg_jax.finetune.tasks import Task, task_from_dataset
+from hubert_ecg_jax.tasks import Task, task_from_dataset
 from hubert_ecg_jax.parallel import make_launcher
 from hubert_ecg_jax.train.optimizer import OptimizerConfig, make_optimizer
 from hubert_ecg_jax.train.state import create_train_state

@@ -11,7 +11,7 @@ from sklearn.linear_model import LogisticRegression, Ridge
 
 from hubert_ecg_jax import cli
 from hubert_ecg_jax.finetune.linear_probe import fit_head, fold_standardisation
-from hubert_ecg_jax.finetune.tasks import Task
+from hubert_ecg_jax.tasks import Task
 from test_finetune import write_synthetic_split
 
 

@@ -10,7 +10,7 @@ from nbclient import NotebookClient
 
 from hubert_ecg_jax import HubertECGConfig
 from hubert_ecg_jax.classifier import HubertECGForClassification
-from hubert_ecg_jax.finetune.tasks import Task
+from hubert_ecg_jax.tasks import Task
 from hubert_ecg_jax.inference import classifier_metadata
 from hubert_ecg_jax.model_dir import save_model
 

@@ -9,6 +9,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import jax
 import numpy as np
 
 from hubert_ecg_jax.config import HubertECGConfig
@@ -122,7 +123,6 @@ class PipelineConfig:
     """(process_index, process_count), from JAX where not given."""
     index, count = self.process_index, self.process_count
     if index is None or count is None:
-      import jax
       index = jax.process_index() if index is None else index
       count = jax.process_count() if count is None else count
     if not 0 <= index < count:

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hubert_ecg_jax.config import MODEL_INPUT_LENGTH, HubertECGConfig
+from hubert_ecg_jax.data.masking import sample_span_mask
 from hubert_ecg_jax.devtools.bench_forward import interleaved_medians, time_call
 from hubert_ecg_jax.devtools.bench_train import (OPTIMIZER, benchmark_batch, jax_train_step,
                                                   torch_train_step)
@@ -37,8 +38,9 @@ from hubert_ecg_jax.devtools.flops import forward_flops, peak_flops, train_step_
 from hubert_ecg_jax.inference import strip_pretraining_heads
 from hubert_ecg_jax.model import HubertECG
 from hubert_ecg_jax.parallel import DevicePrefetch, MeshLauncher
+from hubert_ecg_jax.pretrained import params_from_state_dict
+from hubert_ecg_jax.targets.kmeans import KMeansConfig, fit_kmeans
 from hubert_ecg_jax.train.checkpointing import CheckpointManager, abstract_like
-from hubert_ecg_jax.data.masking import sample_span_mask
 from hubert_ecg_jax.train.optimizer import make_optimizer
 from hubert_ecg_jax.train.state import create_train_state, init_params
 from hubert_ecg_jax.train.step import make_eval_step, make_train_step
@@ -133,7 +135,6 @@ def parity(size: str, batch: int) -> dict[str, Any]:
   import torch
 
   from hubert_ecg_jax.devtools.torch_reference import ecg_like_batch, make_reference
-  from hubert_ecg_jax.pretrained import params_from_state_dict
 
   config = HubertECGConfig.preset(size)
   reference = make_reference(config, seed=3)
@@ -311,8 +312,6 @@ def pretraining_run(size: str, batch: int, steps: int) -> dict[str, Any]:
 
 def kmeans_on_device(n: int, dim: int, k: int) -> dict[str, Any]:
   """Fit time of our k-means (compilation excluded) on a synthetic mixture of `n` x `dim` vectors."""
-  from hubert_ecg_jax.targets.kmeans import KMeansConfig, fit_kmeans
-
   key_means, key_pick, key_noise = jax.random.split(jax.random.key(0), 3)
   means = jax.random.normal(key_means, (4 * k, dim))
   vectors = means[jax.random.randint(key_pick, (n,), 0, 4 * k)] + 0.5 * jax.random.normal(key_noise, (n, dim))

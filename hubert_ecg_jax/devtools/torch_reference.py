@@ -16,6 +16,7 @@ import torch
 import transformers
 
 from hubert_ecg_jax.config import HubertECGConfig
+from hubert_ecg_jax.convert import flax_to_state_dict
 
 
 class TorchHubertECG(torch.nn.Module):
@@ -39,7 +40,6 @@ class TorchHubertECG(torch.nn.Module):
 
   def load_flax_params(self, params: dict) -> None:
     """Copies a HubertECG params tree (with or without pretraining heads) into this model."""
-    from hubert_ecg_jax.convert import flax_to_state_dict
     state = {k: torch.from_numpy(np.array(v)) for k, v in flax_to_state_dict(params).items()}
     heads = {k: v for k, v in state.items() if k.startswith(("final_proj", "label_embedding"))}
     self.hubert.load_state_dict({k: v for k, v in state.items() if k not in heads})

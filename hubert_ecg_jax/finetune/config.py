@@ -11,7 +11,7 @@ from ml_collections.config_dict import placeholder
 
 from hubert_ecg_jax.finetune.data import DataConfig
 from hubert_ecg_jax.finetune.freezing import FreezeConfig
-from hubert_ecg_jax.finetune.losses import check_task
+from hubert_ecg_jax.tasks import check_task
 from hubert_ecg_jax.train.optimizer import OptimizerConfig
 
 MODES = ("finetune", "linear_probe")

@@ -7,14 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-TASKS = ("multi_label", "multi_class", "regression")
+from hubert_ecg_jax.tasks import check_task
+
 POS_WEIGHT_EPS = 1e-9
-
-
-def check_task(task: str) -> str:
-  if task not in TASKS:
-    raise ValueError(f"unknown task {task!r}: expected one of {TASKS}")
-  return task
 
 
 def positive_weights(labels: np.ndarray) -> np.ndarray:
@@ -82,9 +77,8 @@ def loss_sums(task: str, logits: jax.Array, targets: jax.Array, weights: jax.Arr
     return bce_with_logits_sums(logits, targets, weights)
   if task == "multi_class":
     return weighted_cross_entropy_sums(logits, targets, weights)
-  if task == "regression":
-    return squared_error_sums(logits, targets)
-  raise ValueError(f"unknown task {task!r}: expected one of {TASKS}")
+  check_task(task)
+  return squared_error_sums(logits, targets)
 
 
 def mean_loss(task: str, logits: jax.Array, targets: jax.Array, weights: jax.Array) -> jax.Array:

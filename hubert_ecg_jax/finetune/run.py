@@ -21,7 +21,7 @@ from hubert_ecg_jax.finetune import losses
 from hubert_ecg_jax.finetune.config import FinetuneSettings
 from hubert_ecg_jax.finetune.data import read_labels, resolve_splits
 from hubert_ecg_jax.finetune.fraction import subset_training_split
-from hubert_ecg_jax.finetune.tasks import Task, task_from_dataset
+from hubert_ecg_jax.tasks import Task, task_from_dataset
 from hubert_ecg_jax.hub import model_source
 from hubert_ecg_jax.inference import classifier_metadata, load_backbone, run_on_records_dir
 from hubert_ecg_jax.model_dir import save_model

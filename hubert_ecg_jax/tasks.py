@@ -9,7 +9,13 @@ from typing import Any
 
 import numpy as np
 
-from hubert_ecg_jax.finetune.losses import check_task
+TASKS = ("multi_label", "multi_class", "regression")
+
+
+def check_task(task: str) -> str:
+  if task not in TASKS:
+    raise ValueError(f"unknown task {task!r}: expected one of {TASKS}")
+  return task
 
 
 @dataclasses.dataclass(frozen=True)
