@@ -232,8 +232,8 @@ def synthetic(tmp_path_factory):
 
 def test_from_scratch_model_learns_synthetic_labels_and_resumes_exactly(synthetic, tmp_path):
   """A tiny random-init model reaches macro AUROC > 0.9 on held-out synthetic ECGs in 60 steps; the
-  run resumed from its step-30 checkpoint (state, early-stopping counters, data position) ends with
-  the very same model."""
+  run resumed from its step-30 checkpoint (state, early-stopping counters, data position), without
+  batches placed ahead (device_prefetch 0 against the default 2), ends with the very same model."""
   import shutil
 
   from hubert_ecg_jax.evaluate.classifier import evaluate_classifier
@@ -242,12 +242,14 @@ def test_from_scratch_model_learns_synthetic_labels_and_resumes_exactly(syntheti
   from hubert_ecg_jax.finetune.loop import BEST_MODEL, finetune
   from hubert_ecg_jax.inference import load_classifier
 
-  settings = settings_from_config(load_config("configs/finetune_demo.py", [
-      f"data.train={synthetic['train']}", f"data.val={synthetic['val']}", "train.steps=60",
-      "train.eval_every=30", "train.learning_rate=0.002", "train.early_stopping_metric=loss",
-      "train.devices=1", "train.progress=false"]))
+  def settings(*overrides: str):
+    return settings_from_config(load_config("configs/finetune_demo.py", [
+        f"data.train={synthetic['train']}", f"data.val={synthetic['val']}", "train.steps=60",
+        "train.eval_every=30", "train.learning_rate=0.002", "train.early_stopping_metric=loss",
+        "train.devices=1", "train.progress=false", *overrides]))
+
   straight = tmp_path / "straight"
-  result = finetune(settings, straight)
+  result = finetune(settings(), straight)
   assert result.stop_reason == "finished" and result.step == 60 and result.best_step == 60
   summary = evaluate_classifier(result.best_model, synthetic["test"], tmp_path / "report", n_boot=0,
                                 progress=False)
@@ -258,7 +260,9 @@ def test_from_scratch_model_learns_synthetic_labels_and_resumes_exactly(syntheti
   shutil.copytree(straight, resumed)
   shutil.rmtree(resumed / "checkpoints" / "60")
   shutil.rmtree(resumed / BEST_MODEL)
-  again = finetune(settings, resumed)
+  with pytest.raises(ValueError, match="device_prefetch must be >= 0, got -1"):
+    finetune(settings("train.device_prefetch=-1"), resumed)
+  again = finetune(settings("train.device_prefetch=0"), resumed)
   assert again.stop_reason == "finished" and again.best_step == 60
   first, second = load_classifier(result.best_model), load_classifier(again.best_model)
   jax.tree.map(np.testing.assert_array_equal, first.params, second.params)

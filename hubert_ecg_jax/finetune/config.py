@@ -63,6 +63,7 @@ def default_config() -> ConfigDict:
       early_stopping_metric="auroc",  # macro AUROC (classification) or "loss"; regression: loss
       log_every=50, keep_checkpoints=2,
       max_nonfinite_streak=10,
+      device_prefetch=2,  # batches placed on the devices ahead of the running step (0: none)
       shuffle_buffer=1024, seed=0,
       devices=placeholder(int),  # None: every local device
       progress=True,
@@ -105,6 +106,7 @@ class TrainSettings:
   log_every: int
   keep_checkpoints: int
   max_nonfinite_streak: int
+  device_prefetch: int
   shuffle_buffer: int
   seed: int
   devices: int | None

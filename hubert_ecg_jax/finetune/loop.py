@@ -154,7 +154,8 @@ def _train(settings: FinetuneSettings, prepared: Prepared, workdir: pathlib.Path
   batches = make_train_iterator(prepared.splits["train"], pipeline, log=print_fn)
   run = RunConfig(total_steps=t.steps, log_every=t.log_every, val_every=t.eval_every,
                   checkpoint_every=None, keep_last=t.keep_checkpoints, keep_best=0,
-                  max_nonfinite_streak=t.max_nonfinite_streak, progress=t.progress)
+                  max_nonfinite_streak=t.max_nonfinite_streak, progress=t.progress,
+                  device_prefetch=t.device_prefetch)
   job = FinetuneJob(settings, prepared, workdir, optimizer, runner, print_fn)
   outcome = Engine(launcher, run, print_fn).run(workdir, job, batches, DataPosition(batches))
   stopping = job.stopping
