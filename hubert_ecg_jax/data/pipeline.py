@@ -12,15 +12,14 @@ from typing import Any
 import jax
 import numpy as np
 
-from hubert_ecg_jax.config import HubertECGConfig
-from hubert_ecg_jax.config import MODEL_INPUT_LENGTH, NUM_LEADS
+from hubert_ecg_jax.config import MODEL_INPUT_LENGTH, NUM_LEADS, HubertECGConfig
 from hubert_ecg_jax.data import records as records_lib
 from hubert_ecg_jax.data import units as units_lib
-from hubert_ecg_jax.data.records import CorruptShardError
+from hubert_ecg_jax.data.masking import sample_span_mask
 from hubert_ecg_jax.data.online import fast_model_inputs
 from hubert_ecg_jax.data.preprocess import WINDOW_SAMPLES
+from hubert_ecg_jax.data.records import CorruptShardError
 from hubert_ecg_jax.files import as_path
-from hubert_ecg_jax.data.masking import sample_span_mask
 
 _EPOCH_SEED_STRIDE = 1_000_003
 SKIPPED = "skipped_records"  # batch key with `skip_corrupted`: damaged records left out before it
