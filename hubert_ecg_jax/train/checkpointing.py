@@ -28,7 +28,7 @@ DATA = "data"
 BEST_METRIC = "val_loss"
 PAUSE_SAVE_ENV = "HUBERT_ECG_JAX_TEST_PAUSE_SAVE"  # tests only: see `_pause_for_tests`
 MIRRORS_ENV = "HUBERT_ECG_JAX_CHECKPOINT_MIRRORS"  # where `mirror_folder` puts local mirrors
-COMMITTED = ".committed"  # a step's commit marker at a mirrored URL (see `UrlMirror`)
+COMMITTED = "_COMMITTED"  # a step's commit marker at a mirrored URL (see `UrlMirror`)
 
 
 async def _pause_for_tests(step: int | None, checkpoint: AnyPath) -> None:
@@ -138,7 +138,7 @@ def _step_folders(root: AnyPath) -> dict[int, AnyPath]:
 
 class UrlMirror:
   """Checkpoints at a URL Orbax cannot write (every scheme but gs://): Orbax works in a local folder,
-  and each saved step is copied to `<url>/<step>/` with a marker object `.committed` (a random token)
+  and each saved step is copied to `<url>/<step>/` with a marker object `_COMMITTED` (a random token)
   written last. A step at the URL without its marker is what a kill during the copy left: it is
   never read, and the next save of that step replaces it."""
 
@@ -150,7 +150,7 @@ class UrlMirror:
     committed = {step: _marker(folder) for step, folder in _step_folders(self.url).items()}
     committed = {step: token for step, token in committed.items() if token is not None}
     for step, folder in _step_folders(self.local).items():
-      if committed.get(step) != _marker(folder):
+      if step not in committed or committed[step] != _marker(folder):
         remove_tree(folder)
     for step in committed.keys() - _step_folders(self.local).keys():
       with atomic_path(self.local / str(step), folder=True) as staging:  # a local rename: atomic
