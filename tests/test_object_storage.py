@@ -92,7 +92,7 @@ def test_pretraining_and_inference_on_object_storage_give_the_outputs_of_local_d
     tmp_path, sample_data_dir, bucket, capsys, monkeypatch):
   """preprocess -> features -> cluster -> targets -> pretrain (resumed on another machine) ->
   export -> embed and predict, with every directory the commands name at a URL, and the same on
-  local disk: the same bytes, checkpoints, model, embeddings and predictions. No temporary object
+  local disk: the same bytes, checkpoint steps, model, embeddings and predictions. No temporary object
   is left behind."""
   raw = tmp_path / "raw"
   write_wfdb_folder(raw, 10, seed=1)
@@ -112,21 +112,24 @@ def test_pretraining_and_inference_on_object_storage_give_the_outputs_of_local_d
   assert [{k: v for k, v in tree.items() if k.endswith(".tfrecord")} for tree in units] == [
       {k: v for k, v in units[1].items() if k.endswith(".tfrecord")}] * 2
 
-  # Pre-training reads records and units from the bucket; one run directory is local, one is on
-  # the bucket (checkpoints through a local mirror). The second part of the run on the bucket
-  # starts from an empty mirror, as on another machine.
+  # Pre-training reads records and units from the bucket. On local disk the run goes straight to
+  # step 3; on the bucket (checkpoints through a local mirror) it stops at step 2 and resumes from
+  # an empty mirror, as on another machine: the same checkpoints and model (resumes are exact).
   runs = {"disk": tmp_path / "run", "url": bucket / "run"}
-  for name, run in runs.items():
-    args = ["pretrain", "demo_pretrain", str(run), f"--config.data.train_dir={url / 'records'}",
-            f"--config.data.train_units={url / 'units'}", f"--config.model.vocab_sizes={K}",
-            "--config.data.batch_size=8", "--config.train.log_every=1",
-            "--config.train.checkpoint_every=1", "--config.train.progress=false"]
-    capsys.readouterr()
-    monkeypatch.setenv(MIRRORS_ENV, str(tmp_path / "machine-1"))
-    assert main([*args, "--config.train.total_steps=2"]) == 0
-    monkeypatch.setenv(MIRRORS_ENV, str(tmp_path / "machine-2"))
-    assert main([*args, "--config.train.total_steps=3"]) == 0
-    assert f"resumed from step 2 in {run / 'checkpoints'}" in capsys.readouterr().out
+  args = [f"--config.data.train_dir={url / 'records'}", f"--config.data.train_units={url / 'units'}",
+          f"--config.model.vocab_sizes={K}", "--config.data.batch_size=8",
+          "--config.train.log_every=1", "--config.train.checkpoint_every=1",
+          "--config.train.progress=false"]
+  assert main(["pretrain", "demo_pretrain", str(runs["disk"]), *args,
+               "--config.train.total_steps=3"]) == 0
+  monkeypatch.setenv(MIRRORS_ENV, str(tmp_path / "machine-1"))
+  assert main(["pretrain", "demo_pretrain", str(runs["url"]), *args,
+               "--config.train.total_steps=2"]) == 0
+  monkeypatch.setenv(MIRRORS_ENV, str(tmp_path / "machine-2"))
+  capsys.readouterr()
+  assert main(["pretrain", "demo_pretrain", str(runs["url"]), *args,
+               "--config.train.total_steps=3"]) == 0
+  assert f"resumed from step 2 in {runs['url'] / 'checkpoints'}" in capsys.readouterr().out
   mirrored = tmp_path / "machine-2" / "ram" / bucket.key / "run" / "checkpoints"
   assert sorted(p.name for p in (runs["url"] / "checkpoints").iterdir()) == ["1", "2", "3"] == sorted(
       p.name for p in (runs["disk"] / "checkpoints").iterdir() if not p.name.startswith("."))
