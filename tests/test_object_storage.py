@@ -403,7 +403,7 @@ def test_finetune_and_evaluate_with_the_run_and_models_on_object_storage(
                  "--config.model.init=pretrained", f"--config.model.pretrained={root / 'pretrained'}",
                  f"--config.data.train={splits['train']}", f"--config.data.val={splits['val']}",
                  "--config.train.steps=2", "--config.train.batch_size=4",
-                 "--config.train.eval_every=1", "--config.train.log_every=1",
+                 "--config.train.eval_every=2", "--config.train.log_every=1",
                  "--config.train.devices=1", "--config.train.progress=false"]) == 0
     assert main(["evaluate", str(root / "run" / "best_model"), str(splits["val"]), "--out",
                  str(root / "evaluation"), "--n-boot", "10", "--quiet"]) == 0
