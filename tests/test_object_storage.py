@@ -92,8 +92,8 @@ def test_pretraining_and_inference_on_object_storage_give_the_outputs_of_local_d
     tmp_path, sample_data_dir, bucket, capsys, monkeypatch):
   """preprocess -> features -> cluster -> targets -> pretrain (resumed on another machine) ->
   export -> embed and predict, with every directory the commands name at a URL, and the same on
-  local disk: the same bytes, checkpoint steps, model, embeddings and predictions. No temporary object
-  is left behind."""
+  local disk: the same bytes, checkpoint steps, model, embeddings and predictions. No temporary
+  object is left behind."""
   raw = tmp_path / "raw"
   write_wfdb_folder(raw, 10, seed=1)
   roots = {"disk": tmp_path / "disk", "url": bucket / "data"}
@@ -116,10 +116,10 @@ def test_pretraining_and_inference_on_object_storage_give_the_outputs_of_local_d
   # step 3; on the bucket (checkpoints through a local mirror) it stops at step 2 and resumes from
   # an empty mirror, as on another machine: the same checkpoints and model (resumes are exact).
   runs = {"disk": tmp_path / "run", "url": bucket / "run"}
-  args = [f"--config.data.train_dir={url / 'records'}", f"--config.data.train_units={url / 'units'}",
-          f"--config.model.vocab_sizes={K}", "--config.data.batch_size=8",
-          "--config.train.log_every=1", "--config.train.checkpoint_every=1",
-          "--config.train.progress=false"]
+  args = [f"--config.data.train_dir={url / 'records'}",
+          f"--config.data.train_units={url / 'units'}", f"--config.model.vocab_sizes={K}",
+          "--config.data.batch_size=8", "--config.train.log_every=1",
+          "--config.train.checkpoint_every=1", "--config.train.progress=false"]
   assert main(["pretrain", "demo_pretrain", str(runs["disk"]), *args,
                "--config.train.total_steps=3"]) == 0
   monkeypatch.setenv(MIRRORS_ENV, str(tmp_path / "machine-1"))
@@ -131,8 +131,9 @@ def test_pretraining_and_inference_on_object_storage_give_the_outputs_of_local_d
                "--config.train.total_steps=3"]) == 0
   assert f"resumed from step 2 in {runs['url'] / 'checkpoints'}" in capsys.readouterr().out
   mirrored = tmp_path / "machine-2" / "ram" / bucket.key / "run" / "checkpoints"
-  assert sorted(p.name for p in (runs["url"] / "checkpoints").iterdir()) == ["1", "2", "3"] == sorted(
-      p.name for p in (runs["disk"] / "checkpoints").iterdir() if not p.name.startswith("."))
+  steps = [sorted(p.name for p in (run / "checkpoints").iterdir() if not p.name.startswith("."))
+           for run in runs.values()]
+  assert steps == [["1", "2", "3"]] * 2
   assert {k: v for k, v in _tree(mirrored).items() if not k.startswith(".")} == _tree(
       runs["url"] / "checkpoints")
   models = [load_model(run / "model") for run in runs.values()]
@@ -392,15 +393,16 @@ def test_finetune_and_evaluate_with_the_run_and_models_on_object_storage(
         (tmp_path / "links" / split).mkdir(parents=True, exist_ok=True)
         (tmp_path / "links" / split / part.name).symlink_to(part)
     splits[split] = tmp_path / "records" / split
-    assert main(["preprocess", str(tmp_path / "links" / split), str(splits[split]), "--workers", "1",
-                 "--quiet"]) == 0
+    assert main(["preprocess", str(tmp_path / "links" / split), str(splits[split]),
+                 "--workers", "1", "--quiet"]) == 0
   config = HubertECGConfig.preset("tiny")
   pretrained = _random_params(HubertECG(config))
   roots = {"disk": tmp_path / "disk", "url": bucket}
   for root in roots.values():
     save_model(root / "pretrained", config, pretrained)
     assert main(["finetune", "configs/finetune_demo.py", str(root / "run"), "--no-test",
-                 "--config.model.init=pretrained", f"--config.model.pretrained={root / 'pretrained'}",
+                 "--config.model.init=pretrained",
+                 f"--config.model.pretrained={root / 'pretrained'}",
                  f"--config.data.train={splits['train']}", f"--config.data.val={splits['val']}",
                  "--config.train.steps=2", "--config.train.batch_size=4",
                  "--config.train.eval_every=2", "--config.train.log_every=1",

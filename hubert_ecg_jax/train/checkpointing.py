@@ -118,8 +118,8 @@ def abstract_like(tree: Any, sharding: Sharding) -> Any:
 
 
 def mirror_folder(url: UrlPath) -> pathlib.Path:
-  """The local folder that mirrors the checkpoints at `url`: `<root>/<scheme>/<bucket/key>`, the root
-  being $HUBERT_ECG_JAX_CHECKPOINT_MIRRORS, else $XDG_CACHE_HOME (or ~/.cache)/hubert_ecg_jax/
+  """The local folder that mirrors the checkpoints at `url`: `<root>/<scheme>/<bucket/key>`, the
+  root being $HUBERT_ECG_JAX_CHECKPOINT_MIRRORS, else $XDG_CACHE_HOME (or ~/.cache)/hubert_ecg_jax/
   checkpoint-mirrors."""
   root = os.environ.get(MIRRORS_ENV) or os.path.join(
       os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "hubert_ecg_jax",
@@ -137,10 +137,10 @@ def _step_folders(root: AnyPath) -> dict[int, AnyPath]:
 
 
 class UrlMirror:
-  """Checkpoints at a URL Orbax cannot write (every scheme but gs://): Orbax works in a local folder,
-  and each saved step is copied to `<url>/<step>/` with a marker object `_COMMITTED` (a random token)
-  written last. A step at the URL without its marker is what a kill during the copy left: it is
-  never read, and the next save of that step replaces it."""
+  """Checkpoints at a URL Orbax cannot write (every scheme but gs://): Orbax works in a local
+  folder, and each saved step is copied to `<url>/<step>/` with a marker object `_COMMITTED` (a
+  random token) written last. A step at the URL without its marker is what a kill during the copy
+  left: it is never read, and the next save of that step replaces it."""
 
   def __init__(self, url: UrlPath, local: pathlib.Path):
     self.url, self.local = url, local
