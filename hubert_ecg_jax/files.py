@@ -174,18 +174,54 @@ def as_path(path: str | os.PathLike | UrlPath) -> AnyPath:
 ORBAX_SCHEMES = ("gs",)  # tensorstore, which writes Orbax's arrays, has drivers for file and gcs here
 
 
+def orbax_native(path: str | os.PathLike | UrlPath) -> bool:
+  """Whether Orbax reads and writes `path` itself: a local path or a URL of `ORBAX_SCHEMES`. Other
+  URLs go through a local folder (`orbax_output`, `orbax_input`, the checkpoints' mirror)."""
+  path = as_path(path)
+  return not isinstance(path, UrlPath) or path.scheme in ORBAX_SCHEMES
+
+
 def orbax_path(path: str | os.PathLike | UrlPath) -> Any:
   """`path` as Orbax takes it (an absolute local path, or an etils path for gs://); refuses a URL
   of another scheme, where Orbax would write its arrays to a local folder of that name."""
   path = as_path(path)
   if not isinstance(path, UrlPath):
     return path.absolute()
-  if path.scheme not in ORBAX_SCHEMES:
-    raise ValueError(f"checkpoints and model directories (Orbax) need a local path or a gs:// URL, "
-                     f"found {path}")
+  if not orbax_native(path):
+    raise ValueError(f"Orbax reads and writes a local path or a gs:// URL itself, found {path}: "
+                     "go through a local folder (files.orbax_output, files.orbax_input)")
   from etils import epath  # Orbax's own path type
 
   return epath.Path(str(path))
+
+
+@contextlib.contextmanager
+def orbax_output(path: str | os.PathLike | UrlPath) -> Iterator[AnyPath]:
+  """`atomic_path(path, folder=True)` for a folder Orbax writes in. At a URL Orbax cannot write
+  (`orbax_native`), the folder is a local temporary one, committed to `path` by `commit_by_copy`."""
+  path = as_path(path).absolute()
+  if orbax_native(path):
+    with atomic_path(path, folder=True) as staging:
+      yield staging
+    return
+  make_parent_folder(path)
+  with tempfile.TemporaryDirectory(prefix=f"{path.name}.") as local:
+    yield pathlib.Path(local)
+    commit_by_copy(pathlib.Path(local), path)
+
+
+@contextlib.contextmanager
+def orbax_input(path: str | os.PathLike | UrlPath) -> Iterator[Any]:
+  """The folder `path` as Orbax reads it (`orbax_path`); at a URL Orbax cannot read, a local
+  temporary copy of it, removed after the block."""
+  path = as_path(path)
+  if orbax_native(path):
+    yield orbax_path(path)
+    return
+  with tempfile.TemporaryDirectory() as local:
+    copy = pathlib.Path(local) / path.name
+    commit_by_copy(path, copy)
+    yield copy
 
 
 def remove_tree(path: AnyPath) -> None:
@@ -201,9 +237,9 @@ def remove_tree(path: AnyPath) -> None:
 
 def move(source: AnyPath, target: AnyPath) -> None:
   """Renames the file or folder `source` to `target` (replacing a file, or an empty folder):
-  atomic on local disk; on object storage a copy (`_commit_by_copy`), then `source` is removed."""
+  atomic on local disk; on object storage a copy (`commit_by_copy`), then `source` is removed."""
   if isinstance(source, UrlPath) and isinstance(target, UrlPath):
-    _commit_by_copy(source, target)
+    commit_by_copy(source, target)
     remove_tree(source)
   elif isinstance(source, UrlPath) or isinstance(target, UrlPath):
     raise ValueError(f"cannot move {source} to {target}: both must be local or both URLs")
@@ -225,29 +261,37 @@ def make_parent_folder(path: str | os.PathLike | UrlPath) -> None:
   parent.mkdir(parents=True, exist_ok=True)
 
 
-def _commit_by_copy(staging: UrlPath, path: UrlPath) -> None:
-  """Copies a staged file or folder to `path`, replacing what was there. In a folder the JSON
-  documents (manifests, configs: what readers open first) are copied last, so a copy cut short
-  leaves a folder that readers refuse as unfinished, never one they read half of."""
-  if not staging.is_dir():
-    path._prepare_overwrite()
-    _gfile().copy(str(staging), str(path), overwrite=True)
+def _prepare_copy(target: AnyPath) -> None:
+  if isinstance(target, UrlPath):
+    target._prepare_overwrite()
+  else:
+    target.parent.mkdir(parents=True, exist_ok=True)
+
+
+def commit_by_copy(source: AnyPath, path: AnyPath) -> None:
+  """Copies the file or folder `source` to `path`, replacing what was there; either may be local
+  or a URL. In a folder the JSON documents (manifests, configs: what readers open first) are
+  copied last, so a copy cut short leaves a folder that readers refuse as unfinished, never one
+  they read half of."""
+  if not source.is_dir():
+    _prepare_copy(path)
+    _gfile().copy(str(source), str(path), overwrite=True)
     return
   remove_tree(path)
-  files = [posixpath.join(root, name) for root, _, names in _gfile().walk(str(staging))
+  files = [posixpath.join(root, name) for root, _, names in _gfile().walk(str(source))
            for name in names]
-  for source in sorted(files, key=lambda name: (name.endswith(".json"), name)):
-    target = path / posixpath.relpath(source, str(staging))
-    target._prepare_overwrite()
-    _gfile().copy(source, str(target), overwrite=True)
-  path.mkdir(parents=True, exist_ok=True)  # an empty staged folder still commits a folder
+  for name in sorted(files, key=lambda name: (name.endswith(".json"), name)):
+    target = path / posixpath.relpath(name, str(source))
+    _prepare_copy(target)
+    _gfile().copy(name, str(target), overwrite=True)
+  path.mkdir(parents=True, exist_ok=True)  # an empty folder still commits a folder
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike | UrlPath, folder: bool = False) -> Iterator[AnyPath]:
   """A temporary path beside `path` (an empty folder when `folder`) to write in; when the block
   succeeds it replaces `path` (an existing folder is removed first), when it fails it is removed.
-  Locally the commit is a rename; on object storage a copy (see `_commit_by_copy`)."""
+  Locally the commit is a rename; on object storage a copy (see `commit_by_copy`)."""
   path = as_path(path).absolute()
   make_parent_folder(path)
   if isinstance(path, UrlPath):
@@ -263,7 +307,7 @@ def atomic_path(path: str | os.PathLike | UrlPath, folder: bool = False) -> Iter
   try:
     yield staging
     if isinstance(path, UrlPath):
-      _commit_by_copy(staging, path)
+      commit_by_copy(staging, path)
     else:
       if folder and path.exists():
         remove_tree(path)

@@ -14,7 +14,7 @@ import numpy as np
 from orbax.checkpoint import v1 as ocp
 
 from hubert_ecg_jax.config import HubertECGConfig
-from hubert_ecg_jax.files import AnyPath, as_path, atomic_path, orbax_path
+from hubert_ecg_jax.files import AnyPath, as_path, orbax_input, orbax_output, orbax_path
 
 CONFIG_FILE = "config.json"
 METADATA_FILE = "metadata.json"
@@ -28,14 +28,15 @@ def is_model_dir(path: str | os.PathLike | AnyPath) -> bool:
 
 def save_model(directory: str | os.PathLike | AnyPath, config: HubertECGConfig, params: Any,
                metadata: dict[str, Any] | None = None, overwrite: bool = False) -> AnyPath:
-  """Writes the model to `directory` atomically: a crash leaves either nothing or a complete model."""
+  """Writes the model to `directory` atomically: a crash leaves either nothing or a complete model.
+  At a URL Orbax cannot write (not gs://) the model is written locally and copied there, config.json
+  last: a copy cut short has none, and readers refuse it."""
   directory = as_path(directory).absolute()
-  orbax_path(directory)  # refused before the work when Orbax cannot write there
   if directory.exists() and not overwrite:
     raise FileExistsError(f"{directory} already exists: choose another output or pass overwrite")
   if directory.exists() and not directory.is_dir():
     raise FileExistsError(f"{directory} is a file: expected a model directory to replace")
-  with atomic_path(directory, folder=True) as staging:
+  with orbax_output(directory) as staging:
     host_params = jax.tree_util.tree_map(lambda a: np.asarray(a, dtype=np.float32), params)
     ocp.save(orbax_path(staging / PARAMS_DIR), host_params)
     write_config_and_metadata(staging, config, metadata)
@@ -57,8 +58,8 @@ def load_model(directory: str | os.PathLike | AnyPath
     raise FileNotFoundError(f"{directory} is not a hubert-ecg-jax model directory: expected "
                             f"{CONFIG_FILE} and a {PARAMS_DIR}/ folder in it")
   config = HubertECGConfig.from_json(directory / CONFIG_FILE)
-  params = ocp.load(orbax_path(directory / PARAMS_DIR))
-  params = jax.tree_util.tree_map(np.asarray, params)
+  with orbax_input(directory / PARAMS_DIR) as params_path:  # a local copy where Orbax cannot read
+    params = jax.tree_util.tree_map(np.asarray, ocp.load(params_path))
   metadata_path = directory / METADATA_FILE
   metadata = json.loads(metadata_path.read_text()) if metadata_path.is_file() else {}
   return config, params, metadata

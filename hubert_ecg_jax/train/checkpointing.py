@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pathlib
+import uuid
 import warnings
 from typing import Any
 
@@ -16,8 +18,8 @@ from orbax.checkpoint import v1 as ocp
 
 from hubert_ecg_jax.config import HubertECGConfig
 from hubert_ecg_jax.data.pipeline import DataPositionMismatch
-from hubert_ecg_jax.files import (AnyPath, as_path, move, orbax_path, remove_tree,
-                                  write_text_atomic)
+from hubert_ecg_jax.files import (AnyPath, UrlPath, as_path, atomic_path, commit_by_copy, move,
+                                  orbax_native, orbax_path, remove_tree, write_text_atomic)
 from hubert_ecg_jax.model_dir import PARAMS_DIR, save_model, write_config_and_metadata
 from hubert_ecg_jax.parallel import host_copy
 
@@ -25,6 +27,8 @@ STATE = "state"
 DATA = "data"
 BEST_METRIC = "val_loss"
 PAUSE_SAVE_ENV = "HUBERT_ECG_JAX_TEST_PAUSE_SAVE"  # tests only: see `_pause_for_tests`
+MIRRORS_ENV = "HUBERT_ECG_JAX_CHECKPOINT_MIRRORS"  # where `mirror_folder` puts local mirrors
+COMMITTED = "_COMMITTED"  # a step's commit marker at a mirrored URL (see `UrlMirror`)
 
 
 async def _pause_for_tests(step: int | None, checkpoint: AnyPath) -> None:
@@ -113,10 +117,68 @@ def abstract_like(tree: Any, sharding: Sharding) -> Any:
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding), tree)
 
 
-class CheckpointManager:
-  """Periodic checkpoints of a training run under `directory`, keep-last-N plus best-by-val-loss."""
+def mirror_folder(url: UrlPath) -> pathlib.Path:
+  """The local folder that mirrors the checkpoints at `url`: `<root>/<scheme>/<bucket/key>`, the
+  root being $HUBERT_ECG_JAX_CHECKPOINT_MIRRORS, else $XDG_CACHE_HOME (or ~/.cache)/hubert_ecg_jax/
+  checkpoint-mirrors."""
+  root = os.environ.get(MIRRORS_ENV) or os.path.join(
+      os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "hubert_ecg_jax",
+      "checkpoint-mirrors")
+  return pathlib.Path(root, url.scheme, url.key).absolute()
 
-  def __init__(self, directory: str | os.PathLike | AnyPath, keep_last: int = 3, keep_best: int = 1):
+
+def _marker(step_folder: AnyPath) -> str | None:
+  marker = step_folder / COMMITTED
+  return marker.read_text() if marker.is_file() else None
+
+
+def _step_folders(root: AnyPath) -> dict[int, AnyPath]:
+  return {int(p.name): p for p in root.iterdir() if p.name.isdigit()} if root.is_dir() else {}
+
+
+class UrlMirror:
+  """Checkpoints at a URL Orbax cannot write (every scheme but gs://): Orbax works in a local
+  folder, and each saved step is copied to `<url>/<step>/` with a marker object `_COMMITTED` (a
+  random token) written last. A step at the URL without its marker is what a kill during the copy
+  left: it is never read, and the next save of that step replaces it."""
+
+  def __init__(self, url: UrlPath, local: pathlib.Path):
+    self.url, self.local = url, local
+
+  def pull(self) -> None:
+    """Makes the local folder hold the committed steps of the URL, and no other step."""
+    committed = {step: _marker(folder) for step, folder in _step_folders(self.url).items()}
+    committed = {step: token for step, token in committed.items() if token is not None}
+    for step, folder in _step_folders(self.local).items():
+      if step not in committed or committed[step] != _marker(folder):
+        remove_tree(folder)
+    for step in committed.keys() - _step_folders(self.local).keys():
+      with atomic_path(self.local / str(step), folder=True) as staging:  # a local rename: atomic
+        commit_by_copy(self.url / str(step), staging)
+
+  def push(self, step: int, kept: list[int]) -> None:
+    """Copies the local `step` to the URL and commits it there; then removes the URL's steps that
+    are not `kept`, each marker first (a removal cut short leaves an uncommitted step)."""
+    token = uuid.uuid4().hex
+    commit_by_copy(self.local / str(step), self.url / str(step))
+    (self.url / str(step) / COMMITTED).write_text(token)
+    (self.local / str(step) / COMMITTED).write_text(token)
+    for other, folder in _step_folders(self.url).items():
+      if other not in kept:
+        (folder / COMMITTED).unlink(missing_ok=True)
+        remove_tree(folder)
+
+
+class CheckpointManager:
+  """Periodic checkpoints of a training run under `directory`, keep-last-N plus best-by-val-loss.
+
+  At a URL Orbax cannot write (`files.orbax_native`), Orbax works in the local folder `mirror`
+  (default: `mirror_folder(directory)`), synced from the URL on start and copied to it after each
+  save (`UrlMirror`); one process only.
+  """
+
+  def __init__(self, directory: str | os.PathLike | AnyPath, keep_last: int = 3, keep_best: int = 1,
+               mirror: str | os.PathLike | None = None):
     if keep_last < 1:
       raise ValueError(f"keep_last must be >= 1 (the latest checkpoint is needed to resume), "
                        f"got {keep_last}")
@@ -130,8 +192,18 @@ class CheckpointManager:
     self.directory = as_path(directory).absolute()
     self.restored_step: int | None = None  # the step the last `restore` read
     self._unreadable: set[int] = set()  # steps a restore could not read: saving them rewrites them
+    self._mirror: UrlMirror | None = None
+    self._local = self.directory  # the folder Orbax works in
+    if not orbax_native(self.directory):
+      if jax.process_count() > 1:
+        raise ValueError(f"checkpoints at {self.directory} go through a local mirror folder, which "
+                         f"serves one process, found {jax.process_count()} processes: give a "
+                         "multi-host run a gs:// URL or a shared file system")
+      self._local = pathlib.Path(mirror).absolute() if mirror else mirror_folder(self.directory)
+      self._mirror = UrlMirror(self.directory, self._local)
+      self._mirror.pull()
     self._checkpointer = ocp.training.Checkpointer(
-        orbax_path(self.directory), preservation_policy=policies.AnyPreservationPolicy(keep))
+        orbax_path(self._local), preservation_policy=policies.AnyPreservationPolicy(keep))
 
   @property
   def steps(self) -> list[int]:
@@ -152,7 +224,7 @@ class CheckpointManager:
 
   def has_data_position(self, step: int) -> bool:
     """Whether the checkpoint at `step` holds a data position."""
-    return (self.directory / str(step) / DATA).is_dir()
+    return (self._local / str(step) / DATA).is_dir()
 
   def _data_position_matches(self, step: int) -> bool:
     """Whether the data position at `step` was saved by as many processes as this run has.
@@ -160,7 +232,7 @@ class CheckpointManager:
     Each process saves its own iterator state (its share of the global batch); another process
     count cannot continue them. The state is still restored and the data stream restarts.
     """
-    saved = len(list((self.directory / str(step) / DATA).glob("process_*")))
+    saved = len(list((self._local / str(step) / DATA).glob("process_*")))
     if saved == jax.process_count():
       return True
     warnings.warn(f"the data position in checkpoint {step} was saved by {saved} process(es) and "
@@ -179,10 +251,13 @@ class CheckpointManager:
       return False
     items = {STATE: state}
     if data_position is not None:
-      data_position.step, data_position.staging = step, self.directory
+      data_position.step, data_position.staging = step, self._local
       items[DATA] = data_position
     metrics = None if val_loss is None else {BEST_METRIC: float(val_loss)}
-    return self._checkpointer.save_checkpointables(step, items, metrics=metrics, force=True)
+    saved = self._checkpointer.save_checkpointables(step, items, metrics=metrics, force=True)
+    if saved and self._mirror is not None:
+      self._mirror.push(step, self.steps)
+    return saved
 
   def restore(self, abstract_state: Any, data_position: DataPosition | None = None,
               step: int | None = None) -> Any:
