@@ -5,6 +5,7 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import json
 import pathlib
 import re
 import subprocess
@@ -13,6 +14,8 @@ import threading
 import time
 from typing import Any, Callable, Iterator
 
+import jax
+import numpy as np
 import pytest
 
 # Files the tests read, shipped in the repository (tests/data/cinc2021/SOURCE.md: CC BY 4.0).
@@ -185,3 +188,23 @@ def tensorboard_scalars(directory: pathlib.Path) -> dict[tuple[str, int], list[f
       for value in event.summary.value:
         found.setdefault((value.tag, event.step), []).append(value.simple_value)
   return found
+
+
+def assert_same_tree(a: Any, b: Any) -> None:
+  """Equal pytrees, bit for bit."""
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+class Counter:
+  """A resumable data source position with save(path)/restore(path), for `DataPosition`."""
+
+  def __init__(self, position: int = 0):
+    self.position = position
+
+  def save(self, path: str) -> None:
+    pathlib.Path(path).write_text(json.dumps(self.position))
+
+  def restore(self, path: str) -> None:
+    self.position = json.loads(pathlib.Path(path).read_text())

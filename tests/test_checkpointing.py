@@ -1,7 +1,6 @@
 """Orbax training checkpoints: layouts across device counts, retention, data position, export."""
 from __future__ import annotations
 
-import json
 import pathlib
 from types import SimpleNamespace
 
@@ -20,6 +19,8 @@ from hubert_ecg_jax.train.checkpointing import (CheckpointManager, DataPosition,
 from hubert_ecg_jax.parallel import PmapLauncher, data_mesh, host_copy
 from hubert_ecg_jax.train.state import create_train_state
 
+from conftest import Counter, assert_same_tree
+
 
 def _state(seed: int = 0):
   rng = np.random.default_rng(seed)
@@ -32,25 +33,6 @@ def _state(seed: int = 0):
   updates, opt_state = optimizer.update(grads, state.opt_state, params)
   return state.replace(params=optax.apply_updates(params, updates), opt_state=opt_state,
                        step=jnp.asarray(7, jnp.int32))
-
-
-def _assert_same(a, b) -> None:
-  assert jax.tree.structure(a) == jax.tree.structure(b)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
-class Counter:
-  """A resumable data source position with save(path)/restore(path)."""
-
-  def __init__(self, position: int = 0):
-    self.position = position
-
-  def save(self, path: str) -> None:
-    pathlib.Path(path).write_text(json.dumps(self.position))
-
-  def restore(self, path: str) -> None:
-    self.position = json.loads(pathlib.Path(path).read_text())
 
 
 @pytest.mark.parametrize("saved_on,restored_on", [(8, 1), (1, 8)])
@@ -66,7 +48,7 @@ def test_restore_into_another_device_count(tmp_path, saved_on: int, restored_on:
   manager = CheckpointManager(tmp_path)
   assert manager.latest_step == 7
   restored = manager.restore(abstract_like(state, restoring), DataPosition(counter))
-  _assert_same(restored, state)
+  assert_same_tree(restored, state)
   assert counter.position == 41
   for leaf in jax.tree.leaves(restored):
     assert leaf.sharding == restoring
@@ -80,11 +62,11 @@ def test_pmap_layout_round_trips_through_a_checkpoint(tmp_path) -> None:
   manager = CheckpointManager(tmp_path)
   manager.save(3, launcher.checkpoint_view(stacked))
   restored = manager.restore(abstract_like(state, launcher.state_sharding))
-  _assert_same(restored, state)
+  assert_same_tree(restored, state)
   # Back into the pmap layout on 2 devices: every device holds the same copy.
   small = PmapLauncher(lambda s, b: (s, {}), lambda p, b: {}, jax.devices()[:2])
   again = small.place_state(restored)
-  _assert_same(jax.tree.map(lambda x: np.asarray(x)[1], again), state)
+  assert_same_tree(jax.tree.map(lambda x: np.asarray(x)[1], again), state)
 
 
 def test_keeps_last_n_and_the_best_by_validation_loss(tmp_path) -> None:
@@ -134,7 +116,7 @@ def test_data_position_of_another_process_count_is_skipped_with_a_warning(tmp_pa
   shutil.copytree(data_dir / "process_0", data_dir / "process_1")  # as a second host would write
   with pytest.warns(UserWarning, match="saved by 2 process.*this run has 1.*restarts from its seed"):
     restored = manager.restore(abstract_like(_state(), state.step.sharding), position)
-  _assert_same(restored, state)
+  assert_same_tree(restored, state)
   assert restored_into == [] and manager.restored_step == 4
 
 
@@ -166,4 +148,4 @@ def test_export_model_for_fine_tuning(tmp_path) -> None:
   out = export_model(tmp_path / "model", config, params, metadata={"step": 7})
   loaded_config, loaded, metadata = load_model(out)
   assert loaded_config == config and metadata == {"step": 7}
-  _assert_same(loaded, host_copy(params))
+  assert_same_tree(loaded, host_copy(params))

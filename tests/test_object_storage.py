@@ -36,6 +36,8 @@ from hubert_ecg_jax.train.checkpointing import (COMMITTED, MIRRORS_ENV, Checkpoi
 from hubert_ecg_jax.train.logging import MetricsWriter
 from hubert_ecg_jax.train.state import create_train_state
 
+from conftest import Counter, assert_same_tree
+
 K = 8
 LABELS = ("426783006", "164889003", "59118001")  # sinus rhythm, atrial fibrillation, RBBB
 
@@ -66,26 +68,6 @@ def _random_params(model: HubertECGForClassification) -> dict:
 
 def _npy(path: files.AnyPath) -> np.ndarray:
   return np.load(io.BytesIO(path.read_bytes()))
-
-
-def _assert_same(a, b) -> None:
-  """Equal trees, bit for bit."""
-  assert jax.tree.structure(a) == jax.tree.structure(b)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
-class Position:
-  """A data position (save/restore at a file prefix) holding one number."""
-
-  def __init__(self, value: int):
-    self.value = value
-
-  def save(self, path: str) -> None:
-    files.as_path(path).write_text(str(self.value))
-
-  def restore(self, path: str) -> None:
-    self.value = int(files.as_path(path).read_text())
 
 
 def test_pretraining_and_inference_on_object_storage_give_the_outputs_of_local_disk(
@@ -138,7 +120,7 @@ def test_pretraining_and_inference_on_object_storage_give_the_outputs_of_local_d
       runs["url"] / "checkpoints")
   models = [load_model(run / "model") for run in runs.values()]
   assert models[0][0] == models[1][0]
-  _assert_same(models[0][1], models[1][1])
+  assert_same_tree(models[0][1], models[1][1])
 
   config = HubertECGConfig.preset("tiny")
   classifier = _random_params(HubertECGForClassification(config, len(LABELS)))
@@ -212,12 +194,12 @@ def test_the_data_position_a_killed_save_left_is_replaced(tmp_path) -> None:
   leftover.mkdir(parents=True)
   (leftover / "position").write_text("4")  # from a save that was killed
   state = {"w": jnp.ones(3)}
-  assert manager.save(5, state, DataPosition(Position(41)))
+  assert manager.save(5, state, DataPosition(Counter(41)))
   assert not leftover.exists()
-  restored = Position(0)
+  restored = Counter(0)
   manager.restore(abstract_like(state, SingleDeviceSharding(jax.devices()[0])),
                   DataPosition(restored))
-  assert restored.value == 41
+  assert restored.position == 41
   manager.close()
 
 
@@ -278,11 +260,11 @@ def test_a_kill_during_a_checkpoint_upload_resumes_from_the_previous_committed_s
 
   clean = manager("clean", "clean")
   for step in (1, 2):
-    assert clean.save(step, states[step], DataPosition(Position(10 * step)))
+    assert clean.save(step, states[step], DataPosition(Counter(10 * step)))
   clean.close()
 
   killed = manager("killed", "machine-1")
-  assert killed.save(1, states[1], DataPosition(Position(10)))
+  assert killed.save(1, states[1], DataPosition(Counter(10)))
   real_copy, copied = tf.io.gfile.copy, []
 
   def copy_then_die(source: str, target: str, overwrite: bool = False) -> None:
@@ -295,7 +277,7 @@ def test_a_kill_during_a_checkpoint_upload_resumes_from_the_previous_committed_s
   with monkeypatch.context() as patch:
     patch.setattr(tf.io.gfile, "copy", copy_then_die)
     with pytest.raises(KeyboardInterrupt):
-      killed.save(2, states[2], DataPosition(Position(20)))
+      killed.save(2, states[2], DataPosition(Counter(20)))
   killed.close()
   partial = bucket / "killed" / "2"
   assert sorted(str(path) for path in partial.rglob("*")) == sorted(copied) and len(copied) == 3
@@ -305,35 +287,35 @@ def test_a_kill_during_a_checkpoint_upload_resumes_from_the_previous_committed_s
   for mirror in ("machine-2", "machine-1"):
     resumed = manager("killed", mirror)
     assert resumed.steps == [1] and resumed.latest_step == 1 and resumed.has_data_position(1)
-    position = Position(0)
+    position = Counter(0)
     restored = resumed.restore(target, DataPosition(position))
-    assert resumed.restored_step == 1 and position.value == 10
-    _assert_same(restored, states[1])
+    assert resumed.restored_step == 1 and position.position == 10
+    assert_same_tree(restored, states[1])
     resumed.close()
   assert sorted(path.name for path in (tmp_path / "machine-1").iterdir()) == ["1"]
 
   resumed = manager("killed", "machine-2")
-  state = resumed.restore(target, DataPosition(Position(0)))
+  state = resumed.restore(target, DataPosition(Counter(0)))
   grads = jax.tree.map(lambda p: jnp.sin(p) + 0.5, state.params)
   updates, opt_state = optax.adamw(1e-2).update(grads, state.opt_state, state.params)
   state = state.replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state,
                         step=state.step + 1)  # the training step of `_train_states`
-  assert resumed.save(2, state, DataPosition(Position(20)))
+  assert resumed.save(2, state, DataPosition(Counter(20)))
   resumed.close()
   assert (partial / COMMITTED).is_file()
 
   for name in ("clean", "killed"):  # read on a third machine
     reader = manager(name, f"reader-{name}")
     assert reader.steps == [1, 2]
-    position = Position(0)
-    _assert_same(reader.restore(target, DataPosition(position)), states[2])
-    assert reader.restored_step == 2 and position.value == 20
+    position = Counter(0)
+    assert_same_tree(reader.restore(target, DataPosition(position)), states[2])
+    assert reader.restored_step == 2 and position.position == 20
     reader.close()
   assert _layout(bucket / "clean" / "2") == _layout(partial) and COMMITTED in _layout(partial)
 
   # The URL keeps what Orbax keeps (keep_last=2): step 1 goes, its marker first.
   resumed = manager("killed", "machine-2")
-  assert resumed.save(3, states[3], DataPosition(Position(30)))
+  assert resumed.save(3, states[3], DataPosition(Counter(30)))
   resumed.close()
   assert sorted(path.name for path in (bucket / "killed").iterdir()) == ["2", "3"]
   assert sorted(path.name for path in (tmp_path / "machine-2").iterdir()) == ["2", "3"]
@@ -355,7 +337,7 @@ def test_a_model_directory_at_a_url_round_trips_and_a_commit_cut_short_is_refuse
   for directory in (tmp_path / "model", bucket / "model"):
     loaded_config, loaded, loaded_metadata = load_model(directory)
     assert loaded_config == config and loaded_metadata == metadata
-    _assert_same(loaded, params)
+    assert_same_tree(loaded, params)
   assert list((tmp_path / "tmp").iterdir()) == []
   with pytest.raises(FileExistsError, match="already exists"):
     save_model(bucket / "model", config, params)
@@ -377,7 +359,7 @@ def test_a_model_directory_at_a_url_round_trips_and_a_commit_cut_short_is_refuse
     load_model(bucket / "model")
   assert list((tmp_path / "tmp").iterdir()) == []
   save_model(bucket / "model", config, params, overwrite=True)  # the rerun
-  _assert_same(load_model(bucket / "model")[1], params)
+  assert_same_tree(load_model(bucket / "model")[1], params)
 
 
 def test_finetune_and_evaluate_with_the_run_and_models_on_object_storage(
@@ -412,7 +394,7 @@ def test_finetune_and_evaluate_with_the_run_and_models_on_object_storage(
   capsys.readouterr()
   models = [load_model(root / "run" / "best_model") for root in roots.values()]
   assert models[0][0] == models[1][0]
-  _assert_same(models[0][1], models[1][1])
+  assert_same_tree(models[0][1], models[1][1])
   assert models[0][2]["validation"] == models[1][2]["validation"]
   assert (bucket / "run" / "checkpoints" / "2" / COMMITTED).is_file()
   reports = [root / "evaluation" for root in roots.values()]

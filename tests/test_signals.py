@@ -18,7 +18,8 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from conftest import CliRun, cli_env, tensorboard_scalars, timeout_s, write_tiny_records
+from conftest import (CliRun, assert_same_tree, cli_env, tensorboard_scalars, timeout_s,
+                      write_tiny_records)
 
 Start = Callable[..., CliRun]  # the `cli` fixture
 
@@ -71,12 +72,6 @@ def _final_state(workdir: pathlib.Path) -> Any:
   return jax.tree.map(np.asarray, state)
 
 
-def _assert_same_tree(ours: Any, theirs: Any) -> None:
-  assert jax.tree.structure(ours) == jax.tree.structure(theirs)
-  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
-    np.testing.assert_array_equal(a, b)
-
-
 def _assert_same_curves(workdir: pathlib.Path, straight: pathlib.Path) -> None:
   """Every train and validation value logged to TensorBoard, each step, as the straight run's."""
   ours, theirs = ({key: values for key, values in tensorboard_scalars(run / "tensorboard").items()
@@ -106,8 +101,8 @@ def test_finetune_stops_on_sigterm_and_sigint_and_resumes_to_the_bit(cli, tmp_pa
   assert finished.wait_for(best, 0).groups() == straight.wait_for(best, 0).groups()
   _assert_same_curves(tmp_path / "run", tmp_path / "straight")
   assert _complete_steps(tmp_path / "run") == _complete_steps(tmp_path / "straight") == [6, 8]
-  _assert_same_tree(_final_state(tmp_path / "run"), _final_state(tmp_path / "straight"))
+  assert_same_tree(_final_state(tmp_path / "run"), _final_state(tmp_path / "straight"))
   ours = load_classifier(tmp_path / "run" / "best_model")
   theirs = load_classifier(tmp_path / "straight" / "best_model")
-  _assert_same_tree(ours.params, theirs.params)
+  assert_same_tree(ours.params, theirs.params)
   np.testing.assert_array_equal(ours.thresholds, theirs.thresholds)
