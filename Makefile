@@ -30,7 +30,7 @@ $(TORCH): $(CORE)
 install: $(TORCH)  ## create .venv and install the package with all its extras
 
 # Test processes: one per core, at most 4 (each holds its own JAX runtime and spawns training runs).
-TEST_WORKERS ?= $(shell n=$$(nproc); echo $$(( n < 4 ? n : 4 )))
+TEST_WORKERS ?= $(shell $(PYTHON) -c 'import os; print(min(os.cpu_count() or 1, 4))')
 
 test: $(TORCH)  ## run the whole test suite (8 host CPU devices, TEST_WORKERS processes)
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal tests
